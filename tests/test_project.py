@@ -1,0 +1,75 @@
+"The package as a whole: it imports, exposes its public names, and matches its notebooks."
+import configparser, importlib, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def test_version_matches_settings():
+    import vqlearn
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / 'settings.ini')
+    assert vqlearn.__version__ == cfg['DEFAULT']['version']
+
+@pytest.mark.parametrize('mod,names', [
+    ('vqlearn.core', ['get_device', 'seed_everything', 'quick', 'pick', 'show_images']),
+    ('vqlearn.data', ['get_dataset', 'ArrayDataset', 'DeviceLoader', 'get_loader', 'split_dataset', 'make_shapes',
+                      'load_npz', 'load_folder', 'KaoKore', 'download_kaokore', 'DATASETS']),
+    ('vqlearn.train', ['fit', 'History', 'save_checkpoint', 'load_checkpoint', 'lr_multiplier']),
+])
+def test_public_names(mod, names):
+    m = importlib.import_module(mod)
+    missing = [n for n in names if not hasattr(m, n)]
+    assert not missing, f"{mod} lacks {missing}"
+    assert set(names) <= set(m.__all__)
+
+def _copy_project(tmp_path):
+    for p in ['settings.ini', 'setup.py', 'README.md']: shutil.copy(ROOT / p, tmp_path / p)
+    shutil.copytree(ROOT / 'nbs', tmp_path / 'nbs', ignore=shutil.ignore_patterns('_*', '.ipynb_checkpoints'))
+    shutil.copytree(ROOT / 'vqlearn', tmp_path / 'vqlearn', ignore=shutil.ignore_patterns('__pycache__'))
+    return tmp_path
+
+def _snapshot(folder: Path, pattern: str):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob(pattern))}
+
+def test_nbdev_export_leaves_no_diff(tmp_path):
+    "The committed library is exactly what the notebooks export (run in a copy, so the checkout is untouched)."
+    proj = _copy_project(tmp_path)
+    before = _snapshot(proj / 'vqlearn', '*.py')
+    subprocess.run([sys.executable, '-c', 'from nbdev.doclinks import nbdev_export; nbdev_export()'], cwd=proj, check=True)
+    after = _snapshot(proj / 'vqlearn', '*.py')
+    changed = sorted(str(k) for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"nbdev_export changes {changed}: run nbdev_export and commit"
+
+def test_notebooks_are_clean(tmp_path):
+    proj = _copy_project(tmp_path)
+    before = _snapshot(proj / 'nbs', '*.ipynb')
+    subprocess.run([sys.executable, '-c', 'from nbdev.clean import nbdev_clean; nbdev_clean()'], cwd=proj, check=True)
+    after = _snapshot(proj / 'nbs', '*.ipynb')
+    changed = sorted(str(k) for k in before if before[k] != after[k])
+    assert not changed, f"nbdev_clean changes {changed}: run nbdev_clean and commit"
+
+def test_every_notebook_follows_the_template():
+    "Title + description, default_exp (except index), Colab badge, final export cell."
+    import json
+    for nb_path in sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')):
+        cells = json.loads(nb_path.read_text())['cells']
+        src = [''.join(c['source']) for c in cells]
+        assert src[0].startswith('# ') and '\n> ' in src[0], f"{nb_path.name}: first cell must be '# Title' + '> description'"
+        assert any(s.startswith('#| default_exp ') for s in src), f"{nb_path.name}: no #| default_exp"
+        assert any(f'colab.research.google.com/github/vqlearn/vqlearn/blob/main/nbs/{nb_path.name}' in s for s in src), \
+            f"{nb_path.name}: no Open-in-Colab badge pointing at itself"
+        assert 'nbdev_export()' in src[-1], f"{nb_path.name}: last cell must call nbdev_export()"
+
+def test_readme_matches_index():
+    "README.md is rendered from nbs/index.ipynb (tools/make_readme.py; nbdev_readme where Quarto exists)."
+    sys.path.insert(0, str(ROOT / 'tools'))
+    import make_readme
+    assert (ROOT / 'README.md').read_text(encoding='utf-8') == make_readme.render(), "run python tools/make_readme.py"
+
+def test_ci_runs_the_readme_commands():
+    "The README's two set-up commands are the ones .ci/run uses."
+    readme, ci = (ROOT / 'README.md').read_text(), (ROOT / '.ci' / 'run').read_text()
+    block = readme.split('## Set-up on a fresh machine')[1].split('```sh')[1].split('```')[0].strip().splitlines()
+    install, test = block
+    assert install == 'pip install -e ".[dev]"' and 'pip install -q -e ".[dev]"' in ci
+    assert test in ci.splitlines(), f"{test!r} is not a line of .ci/run"
