@@ -115,3 +115,20 @@ def test_split_dataset_is_disjoint_and_deterministic():
     tr2, va2 = split_dataset(ds, 0.2, seed=3)
     assert len(tr) == 80 and len(va) == 20 and torch.equal(va.images, va2.images)
     assert not (tr.images.flatten(1)[:, None] == va.images.flatten(1)[None]).all(-1).any()
+
+def test_kaokore_download_follows_official_method(tmp_path):
+    "download_kaokore reads labels.csv + urls.txt from the repository and saves line i as images_256/{i:08d}.jpg (file:// here)."
+    from vqlearn.data import download_kaokore
+    repo, src = tmp_path / 'repo', tmp_path / 'src'
+    repo.mkdir(); src.mkdir()
+    urls = []
+    for i in range(3):
+        Image.fromarray(np.full((256, 256), 40 * i, np.uint8), mode='L').save(src / f'{i}.png')  # greyscale -> RGB on save
+        urls.append((src / f'{i}.png').as_uri())
+    (repo / 'urls.txt').write_text('\n'.join(urls[:1] + [''] + urls[1:]) + '\n')   # an empty line keeps its index
+    (repo / 'labels.csv').write_text('image,gender,status,set\n00000000.jpg,0,1,train\n00000002.jpg,1,3,train\n00000003.jpg,0,0,test\n')
+    root = download_kaokore(tmp_path / 'kk', threads=2, base_url=repo.as_uri())
+    assert sorted(p.name for p in (root / 'images_256').iterdir()) == ['00000000.jpg', '00000002.jpg', '00000003.jpg']
+    with Image.open(root / 'images_256' / '00000002.jpg') as im: assert im.mode == 'RGB' and im.size == (256, 256)
+    ds = get_dataset('kaokore', root=root, download=False, size=16)
+    assert len(ds) == 2 and [int(ds[i][1]) for i in range(2)] == [1, 3]

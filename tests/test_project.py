@@ -1,5 +1,5 @@
 "The package as a whole: it imports, exposes its public names, and matches its notebooks."
-import configparser, importlib, shutil, subprocess, sys
+import configparser, importlib, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -73,3 +73,9 @@ def test_ci_runs_the_readme_commands():
     install, test = block
     assert install == 'pip install -e ".[dev]"' and 'pip install -q -e ".[dev]"' in ci
     assert test in ci.splitlines(), f"{test!r} is not a line of .ci/run"
+
+def test_sidebar_lists_every_notebook():
+    "The docs sidebar (custom_sidebar = True) names every notebook, and only notebooks that exist."
+    listed = re.findall(r'([\w.-]+\.ipynb)', (ROOT / 'nbs' / 'sidebar.yml').read_text())
+    present = sorted(p.name for p in (ROOT / 'nbs').glob('*.ipynb'))
+    assert sorted(listed) == present

@@ -20,7 +20,7 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
-# %% ../nbs/00_core.ipynb #985b2bb1
+# %% ../nbs/00_core.ipynb #641ca0ac
 def seed_everything(seed: int = 42) -> int:
     "Seed python's `random`, numpy and torch (all devices), so a run can be repeated."
     random.seed(seed)
@@ -28,7 +28,7 @@ def seed_everything(seed: int = 42) -> int:
     torch.manual_seed(seed)  # also seeds every CUDA device
     return seed
 
-# %% ../nbs/00_core.ipynb #a069bab3
+# %% ../nbs/00_core.ipynb #75e3486f
 def quick() -> bool:
     "True when the notebook should run its tiny CPU configuration: under `nbdev_test` or with `VQLEARN_QUICK=1`."
     flag = os.environ.get('VQLEARN_QUICK')
@@ -39,7 +39,7 @@ def pick(quick_value, full_value):
     "`quick_value` in the quick configuration, else `full_value`."
     return quick_value if quick() else full_value
 
-# %% ../nbs/00_core.ipynb #03eb8fd1
+# %% ../nbs/00_core.ipynb #deb74c13
 def show_images(x: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None, figsize=None, padding: int = 2):
     "Show a batch `x` of shape (B, C, H, W) (or one (C, H, W) image) with values in [0, 1] as a grid."
     import matplotlib.pyplot as plt

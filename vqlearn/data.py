@@ -48,7 +48,7 @@ class ArrayDataset(Dataset):
         imgs = (torch.cat(xs) * 255).round().clamp(0, 255).to(torch.uint8)
         return cls(imgs, torch.cat(ys).long(), classes if classes is not None else getattr(ds, 'classes', None))
 
-# %% ../nbs/01_data.ipynb #9f483c16
+# %% ../nbs/01_data.ipynb #37d43d08
 SHAPES = ['circle', 'square', 'triangle', 'ring', 'cross']
 
 def _shape_sdf(label: torch.Tensor, px: torch.Tensor, py: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -97,12 +97,12 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, chunk: int = 1024) -> tup
     if not imgs: return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.cat(imgs), torch.cat(labels)
 
-# %% ../nbs/01_data.ipynb #9882aa2b
+# %% ../nbs/01_data.ipynb #0fb60b33
 def data_root(root: str | os.PathLike | None = None) -> Path:
     "The folder datasets are read from and downloaded to: `root`, else `$VQLEARN_DATA`, else ~/.cache/vqlearn."
     return Path(root or os.environ.get('VQLEARN_DATA') or Path.home() / '.cache' / 'vqlearn').expanduser()
 
-# %% ../nbs/01_data.ipynb #0fb60b33
+# %% ../nbs/01_data.ipynb #b9ed1731
 def _select_classes(images, labels, all_classes: list[str], classes: list[str] | None):
     "Keep only `classes` (names, in the order given) and remap their labels to 0..len(classes)-1."
     if classes is None: return images, labels, list(all_classes)
@@ -123,7 +123,7 @@ def resize_images(images: torch.Tensor, size: int | None, chunk: int = 512) -> t
            for i in range(0, len(images), chunk)]
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
-# %% ../nbs/01_data.ipynb #aa35f00c
+# %% ../nbs/01_data.ipynb #50d31a01
 def load_npz(path: str | os.PathLike, classes: list[str] | None = None, size: int | None = None) -> ArrayDataset:
     "An ArrayDataset from an .npz with `images` (N, H, W, 3) uint8, `labels` (N,) and optional `classes` names."
     path = Path(path)
@@ -143,7 +143,7 @@ def load_npz(path: str | os.PathLike, classes: list[str] | None = None, size: in
     imgs, labels, names = _select_classes(imgs, labels, names, classes)
     return ArrayDataset(resize_images(imgs, size), labels, names)
 
-# %% ../nbs/01_data.ipynb #eecf01f6
+# %% ../nbs/01_data.ipynb #3793a881
 class _ToTensorResize:
     "PIL image -> float (C, H, W) in [0, 1], resized to (size, size) if size is set."
     def __init__(self, size=None): self.size = size
@@ -170,7 +170,7 @@ def load_folder(root: str | os.PathLike, classes: list[str] | None = None, size:
     ds.target_transform = lambda t: torch.tensor(t, dtype=torch.long)
     return ds
 
-# %% ../nbs/01_data.ipynb #3793a881
+# %% ../nbs/01_data.ipynb #ce3604fe
 _URLS = {'cifar10': 'https://www.cs.toronto.edu/~kriz/cifar.html (the "python version")',
          'stl10': 'https://cs.stanford.edu/~acoates/stl10/ (the "binary files")'}
 
@@ -200,7 +200,7 @@ def load_stl10(root=None, train: bool | str = True, classes=None, size=None, dow
     imgs, labels, names = _select_classes(imgs, labels, list(ds.classes), classes)
     return ArrayDataset(resize_images(imgs, size), labels, names)
 
-# %% ../nbs/01_data.ipynb #b84bf0c0
+# %% ../nbs/01_data.ipynb #1f7a804b
 KAOKORE_LABELS = {'gender': ['male', 'female'], 'status': ['noble', 'warrior', 'incarnation', 'commoner']}
 KAOKORE_REPO = 'https://raw.githubusercontent.com/rois-codh/kaokore/master/dataset_v1.3'
 
@@ -241,7 +241,7 @@ class KaoKore(Dataset):
         path, y = self.items[i]
         with Image.open(path) as im: return self.tfm(im), torch.tensor(y, dtype=torch.long)
 
-# %% ../nbs/01_data.ipynb #840a0eb3
+# %% ../nbs/01_data.ipynb #0f50c8b6
 DATASETS = ('shapes', 'cifar10', 'stl10', 'kaokore', 'npz', 'folder')
 
 def get_dataset(name: str, train: bool | str = True, classes: list[str] | None = None, size: int | None = None,
@@ -287,7 +287,7 @@ def split_dataset(ds: ArrayDataset, valid_frac: float = 0.1, seed: int = 0) -> t
     n_valid = int(round(len(ds) * valid_frac))
     return ds.subset(perm[n_valid:].sort().values), ds.subset(perm[:n_valid].sort().values)
 
-# %% ../nbs/01_data.ipynb #0f50c8b6
+# %% ../nbs/01_data.ipynb #e3c8c883
 class DeviceLoader:
     "Batches (x float (B, C, H, W) in [0, 1], y int64 (B,)) from an ArrayDataset held on `device`; shuffle and flips on the device."
     def __init__(self, ds: ArrayDataset, batch_size: int = 64, shuffle: bool = True, flip: bool = False,
@@ -326,7 +326,7 @@ class DeviceLoader:
         yield from self.iter_epoch(self.epoch)
         self.epoch += 1
 
-# %% ../nbs/01_data.ipynb #596946e0
+# %% ../nbs/01_data.ipynb #7cd96935
 def get_loader(ds, batch_size: int = 64, shuffle: bool = True, flip: bool = False, drop_last: bool = False,
                device=None, seed: int = 0, num_workers: int = 0):
     "A `DeviceLoader` for an ArrayDataset, else a torch `DataLoader` (seeded shuffling; flips done in the batch)."
@@ -342,7 +342,7 @@ def get_loader(ds, batch_size: int = 64, shuffle: bool = True, flip: bool = Fals
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g,
                       collate_fn=collate, num_workers=num_workers)
 
-# %% ../nbs/01_data.ipynb #14f61880
+# %% ../nbs/01_data.ipynb #18f9bae8
 def loader_throughput(dl, device=None, max_batches: int = 200, warmup: int = 2) -> float:
     "Batches per second drawn from `dl` (moved to `device` and synchronised), over at most `max_batches` batches."
     device = get_device(device)

@@ -87,7 +87,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, opt
         optimizer.load_state_dict({'state': {int(k): v for k, v in st.items()}, 'param_groups': meta['optim']['param_groups']})
     return _join_state(meta['state'], tensors, 'state')
 
-# %% ../nbs/02_train.ipynb #78ff3951
+# %% ../nbs/02_train.ipynb #235d9ca0
 class History:
     "Logged metrics: a list of records `{'step': s, name: value, ...}`; `hist[name]` gives the values of `name`."
     def __init__(self, records: list[dict] | None = None): self.records = list(records or [])
@@ -116,7 +116,7 @@ class History:
         if title: ax.set_title(title)
         return ax
 
-# %% ../nbs/02_train.ipynb #235d9ca0
+# %% ../nbs/02_train.ipynb #903d3e11
 def lr_multiplier(step: int, total: int, sched=None, warmup: int = 0) -> float:
     "The factor applied to the base learning rate at `step` (0-based) of `total`."
     frac = step / max(total, 1)
@@ -129,7 +129,7 @@ def lr_multiplier(step: int, total: int, sched=None, warmup: int = 0) -> float:
     if warmup and step < warmup: m *= (step + 1) / warmup
     return m
 
-# %% ../nbs/02_train.ipynb #903d3e11
+# %% ../nbs/02_train.ipynb #12d9770b
 def _batches(dl, start: int = 0):
     "Endless batches from `dl`, beginning with batch number `start` (counted across epochs)."
     n = len(dl)
@@ -159,7 +159,7 @@ def _set_rng_state(state: dict, device):
     if 'rng_cpu' in state: torch.set_rng_state(state['rng_cpu'])
     if 'rng_cuda' in state and device.type == 'cuda': torch.cuda.set_rng_state(state['rng_cuda'], device)
 
-# %% ../nbs/02_train.ipynb #d8e7ca90
+# %% ../nbs/02_train.ipynb #f9128471
 def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epochs: int | None = None,
         lr: float = 1e-3, opt: torch.optim.Optimizer | None = None, wd: float = 0.0, sched=None, warmup: int = 0,
         clip: float | None = None, amp: bool = True, log_every: int = 50, eval_fn: Callable | None = None,
