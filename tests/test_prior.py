@@ -1,0 +1,71 @@
+"Tests for vqlearn.prior: units, baselines, training helper, classification by the prior and decoding samples."
+import math
+import pytest
+import torch
+from vqlearn.pixelcnn import GatedPixelCNN, evaluate_nll
+from vqlearn.prior import bits_per_dim, unigram_entropy, fit_prior, classify_codes, sample_images
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bits_per_dim():
+    assert math.isclose(bits_per_dim(math.log(2), (1, 1), (1, 1, 1)), 1.0)          # one bit, one dimension
+    assert math.isclose(bits_per_dim(math.log(512), (8, 8), (3, 32, 32)), 0.1875)    # 64 codes x 9 bits / 3072
+    assert math.isclose(bits_per_dim(1.0, (4, 4), (3, 16, 16)), 16 / math.log(2) / 768)
+
+
+def test_unigram_entropy():
+    assert unigram_entropy(torch.zeros(5, 3, 3, dtype=torch.long), 4) == 0.0
+    assert math.isclose(unigram_entropy(torch.tensor([[[0, 1], [2, 3]]]), 10), math.log(4))
+    c = torch.tensor([0, 0, 0, 1])
+    assert math.isclose(unigram_entropy(c, 2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_fit_prior_learns_class_dependent_maps():
+    "Maps that are constant with value = label: the conditional prior must learn them; labels then classify perfectly."
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat(40)
+    codes = labels[:, None, None].expand(-1, 4, 4).clone()
+    prior = GatedPixelCNN(3, dim=8, n_layers=2, n_classes=3)
+    before = evaluate_nll(prior, codes, labels)
+    hist = fit_prior(prior, codes, labels, codes, labels, steps=60, batch_size=24, lr=2e-2, device='cpu',
+                     progress=False, log_every=10)
+    after = evaluate_nll(prior, codes, labels)
+    assert after < 0.2 * before and hist['val_nll'][-1] == pytest.approx(after, rel=1e-4)
+    ll = classify_codes(prior, codes, batch_size=7)
+    assert ll.shape == (120, 3) and (ll.argmax(1) == labels).all()
+    s = prior.sample((6, 4, 4), labels=torch.tensor([0, 1, 2, 0, 1, 2]), generator=torch.Generator().manual_seed(0))
+    assert (s == torch.tensor([0, 1, 2, 0, 1, 2])[:, None, None]).float().mean() > 0.9
+
+
+def test_fit_prior_and_classify_bad_input():
+    prior = GatedPixelCNN(3, dim=8, n_layers=1, n_classes=2)
+    codes = torch.zeros(4, 2, 2, dtype=torch.long)
+    with pytest.raises(ValueError): fit_prior(prior, codes, None, steps=1)
+    with pytest.raises(ValueError): classify_codes(GatedPixelCNN(3, dim=8, n_layers=1), codes)
+
+
+class _ToyDecoder(torch.nn.Module):
+    "Stands in for a VQ-VAE: codes (B, h, w) -> images (B, 3, 4h, 4w)."
+    def __init__(self, K): super().__init__(); self.emb = torch.nn.Embedding(K, 3)
+    def decode(self, codes):
+        x = self.emb(codes).permute(0, 3, 1, 2)
+        return torch.nn.functional.interpolate(x, scale_factor=4)
+
+
+def test_sample_images_shapes_and_seed():
+    torch.manual_seed(0)
+    prior, dec = GatedPixelCNN(5, dim=8, n_layers=2, n_classes=2), _ToyDecoder(5)
+    lab = torch.tensor([0, 1, 1])
+    c1, x1 = sample_images(prior, dec, 3, (3, 2), labels=lab, generator=torch.Generator().manual_seed(1))
+    c2, x2 = sample_images(prior, dec, 3, (3, 2), labels=lab, generator=torch.Generator().manual_seed(1))
+    assert c1.shape == (3, 3, 2) and x1.shape == (3, 3, 12, 8) and 0 <= x1.min() and x1.max() <= 1
+    assert torch.equal(c1, c2) and torch.equal(x1, x2)
+    c3, _ = sample_images(prior, dec, 3, (3, 2), labels=lab, top_k=1, generator=torch.Generator().manual_seed(2))
+    c4, _ = sample_images(prior, dec, 3, (3, 2), labels=lab, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(c3, c4)                                  # top-1 is deterministic
