@@ -113,6 +113,13 @@ class _VQBase(nn.Module):
         flat = z_e.movedim(1, -1).reshape(-1, D)  # (B*H*W, D)
         return nearest_code(flat, self.codebook, self.chunk_size).view(B, H, W)
 
+    def _assign(self, z_e: torch.Tensor):
+        "Check `z_e` (B, D, H, W), flatten it to (N, D), k-means-initialise once if asked, and find each row's code."
+        check_latents(z_e, self.dim, self.check_finite)
+        flat = z_e.movedim(1, -1).reshape(-1, self.dim)  # (N, D)
+        if self.training and self.kmeans_init: self._maybe_init(flat.detach())
+        return flat, nearest_code(flat.detach(), self.codebook, self.chunk_size)  # (N, D), (N,)
+
     @torch.no_grad()
     def _maybe_init(self, flat: torch.Tensor):
         "k-means initialisation of the codebook from the first training batch `flat` (N, D)."
@@ -179,11 +186,8 @@ class VectorQuantizer(_VQBase):
     def _set_codes(self, mask, new): self.embedding.data[mask] = new[mask].to(self.embedding.dtype)
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:  # z_e: (B, D, H, W)
-        check_latents(z_e, self.dim, self.check_finite)
+        flat, codes = self._assign(z_e)  # (N, D), (N,)
         B, D, H, W = z_e.shape
-        flat = z_e.movedim(1, -1).reshape(-1, D)  # (N, D)
-        if self.training and self.kmeans_init: self._maybe_init(flat.detach())
-        codes = nearest_code(flat.detach(), self.embedding, self.chunk_size)  # (N,)
         e_k = self.embedding[codes].view(B, H, W, D).movedim(-1, 1)  # (B, D, H, W)
         codebook_loss = F.mse_loss(e_k.float(), z_e.detach().float())  # moves the codes
         commitment_loss = F.mse_loss(z_e.float(), e_k.detach().float())  # moves the encoder
@@ -239,11 +243,8 @@ class VectorQuantizerEMA(_VQBase):
         self.embedding.copy_(self.embed_sum / smoothed[:, None])
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:  # z_e: (B, D, H, W)
-        check_latents(z_e, self.dim, self.check_finite)
+        flat, codes = self._assign(z_e)  # (N, D), (N,)
         B, D, H, W = z_e.shape
-        flat = z_e.movedim(1, -1).reshape(-1, D)  # (N, D)
-        if self.training and self.kmeans_init: self._maybe_init(flat.detach())
-        codes = nearest_code(flat.detach(), self.embedding, self.chunk_size)  # (N,)
         e_k = self.embedding[codes].view(B, H, W, D).movedim(-1, 1)  # (B, D, H, W), a buffer: no gradient
         commitment_loss = F.mse_loss(z_e.float(), e_k.float())
         z_q = z_e + (e_k.to(z_e.dtype) - z_e).detach()
