@@ -25,7 +25,7 @@ def unigram_entropy(codes: torch.Tensor, num_codes: int) -> float:
     p = p[p > 0] / p.sum()
     return float(-(p * p.log()).sum())
 
-# %% ../nbs/08_prior.ipynb #7cfc0af7
+# %% ../nbs/08_prior.ipynb #f90635a8
 def fit_prior(prior: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None = None, test_codes=None,
               test_labels=None, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3, eval_every: int | None = None,
               device=None, **fit_kw):
@@ -38,7 +38,7 @@ def fit_prior(prior: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | 
         ev = lambda m: {'nll': evaluate_nll(m, test_codes, test_labels if m.n_classes else None)}
     return fit(prior, dl, prior_step, steps=steps, lr=lr, eval_fn=ev, eval_every=eval_every, device=device, **fit_kw)
 
-# %% ../nbs/08_prior.ipynb #b0fa4c4e
+# %% ../nbs/08_prior.ipynb #c4255919
 @torch.no_grad()
 def classify_codes(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     "Log-likelihoods (N, n_classes) in nats per map of code maps (N, h, w) under each class of a class-conditional prior."
@@ -54,7 +54,7 @@ def classify_codes(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int = 
     prior.train(was)
     return torch.cat(out)
 
-# %% ../nbs/08_prior.ipynb #31d644b6
+# %% ../nbs/08_prior.ipynb #1012bf24
 @torch.no_grad()
 def sample_images(prior: GatedPixelCNN, vqvae, n: int, code_shape: tuple[int, int], labels=None,
                   temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None):
