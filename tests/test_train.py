@@ -108,3 +108,11 @@ def test_epochs_and_eval_and_clip(ds):
     assert h.steps == [6] and h.steps_of('val_score') == [2, 4, 6] and seen == [False] * 3
     assert h.last('val_score') == 3.0
     with pytest.raises(KeyError): h.last('nope')
+
+def test_checkpoint_file_mode_follows_umask(tmp_path):
+    "The temporary file of an atomic save is private (mkstemp); the final file gets the usual mode."
+    umask = os.umask(0o022)
+    try:
+        p = save_checkpoint(tmp_path / 'm.safetensors', model_())
+        assert p.stat().st_mode & 0o777 == 0o644
+    finally: os.umask(umask)

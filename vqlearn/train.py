@@ -20,13 +20,14 @@ __all__ = ['save_checkpoint', 'load_checkpoint', 'History', 'lr_multiplier', 'fi
 
 # %% ../nbs/02_train.ipynb #a47b294d
 def _atomic_save(tensors: dict, path: Path, metadata: dict):
-    "Write `tensors` to `path` via a temporary file in the same folder and an atomic rename."
+    "Write `tensors` (a safetensors file with string `metadata`) to `path` via a temporary file in the same folder and an atomic rename."
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, 'rb') as f: os.fsync(f.fileno())
+        umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)

@@ -4,12 +4,13 @@
 
 # %% ../nbs/06_vqvae.ipynb #4aa53f50
 from __future__ import annotations
-import json, math, os, tempfile
+import json, math, os
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .quantize import VectorQuantizer, VectorQuantizerEMA, VQOutput, code_stats
+from .train import _atomic_save  # the checkpoints' atomic safetensors writer
 
 # %% auto #0
 __all__ = ['QUANTIZERS', 'CPU_RECIPE', 'ResBlock', 'make_encoder', 'make_decoder', 'VQVAE', 'vqvae_step', 'lr_schedule',
@@ -197,20 +198,12 @@ def _meta_str(v): return v if isinstance(v, str) else json.dumps(v)
 
 def save_codes(path: str | os.PathLike, codes: torch.Tensor, labels: torch.Tensor, **meta) -> Path:
     "Save code maps (N, h, w) and labels (N,) with JSON-able `meta` (e.g. num_codes, classes) as safetensors, atomically."
-    from safetensors.torch import save_file
     if codes.ndim != 3: raise ValueError(f"codes must be (N, h, w), got shape {tuple(codes.shape)}")
     if labels.ndim != 1 or len(labels) != len(codes):
         raise ValueError(f"labels must be (N,) with N={len(codes)}, got shape {tuple(labels.shape)}")
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {k: json.dumps(v) for k, v in meta.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp'); os.close(fd)
-    try:
-        save_file({'codes': codes.detach().cpu().long().contiguous(), 'labels': labels.detach().cpu().long().contiguous()},
-                  tmp, metadata=metadata)
-        umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    path, metadata = Path(path), {k: json.dumps(v) for k, v in meta.items()}
+    _atomic_save({'codes': codes.detach().cpu().long().contiguous(), 'labels': labels.detach().cpu().long().contiguous()},
+                 path, metadata)
     return path
 
 def load_codes(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict]:
