@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from vqlearn.pixelcnn import GatedPixelCNN, evaluate_nll
-from vqlearn.prior import bits_per_dim, unigram_entropy, fit_prior, classify_codes, sample_images
+from vqlearn.prior import codes_bits_per_dim, unigram_entropy, fit_prior, classify_codes, sample_images
 
 
 @pytest.fixture(autouse=True)
@@ -14,9 +14,9 @@ def _one_thread():
 
 
 def test_bits_per_dim():
-    assert math.isclose(bits_per_dim(math.log(2), (1, 1), (1, 1, 1)), 1.0)          # one bit, one dimension
-    assert math.isclose(bits_per_dim(math.log(512), (8, 8), (3, 32, 32)), 0.1875)    # 64 codes x 9 bits / 3072
-    assert math.isclose(bits_per_dim(1.0, (4, 4), (3, 16, 16)), 16 / math.log(2) / 768)
+    assert math.isclose(codes_bits_per_dim(math.log(2), (1, 1), (1, 1, 1)), 1.0)          # one bit, one dimension
+    assert math.isclose(codes_bits_per_dim(math.log(512), (8, 8), (3, 32, 32)), 0.1875)    # 64 codes x 9 bits / 3072
+    assert math.isclose(codes_bits_per_dim(1.0, (4, 4), (3, 16, 16)), 16 / math.log(2) / 768)
 
 
 def test_unigram_entropy():

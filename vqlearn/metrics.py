@@ -105,7 +105,8 @@ color_loss = colour_loss  # American spelling
 def bits_per_dim(nll_nats: Tensor | float, dims: int, n_bins: int | None = None) -> Tensor:
     "Convert a negative log-likelihood in nats per image to bits per dimension; `n_bins=256` shifts a density on [0, 1] to the 8-bit pixel scale."
     if dims <= 0: raise ValueError(f"dims must be positive, got {dims}")
-    bpd = torch.as_tensor(nll_nats, dtype=torch.float32) / (dims * math.log(2))
+    nll = torch.as_tensor(nll_nats)
+    bpd = (nll if nll.is_floating_point() else nll.float()) / (dims * math.log(2))  # keeps float64 inputs in float64
     return bpd + math.log2(n_bins) if n_bins else bpd
 
 # %% ../nbs/03b_metrics.ipynb #276442ed

@@ -8,15 +8,16 @@ import math
 import torch
 import torch.nn.functional as F
 from .pixelcnn import GatedPixelCNN, CodeLoader, prior_step, evaluate_nll
+from .metrics import bits_per_dim
 
 # %% auto #0
-__all__ = ['bits_per_dim', 'unigram_entropy', 'fit_prior', 'classify_codes', 'sample_images']
+__all__ = ['codes_bits_per_dim', 'unigram_entropy', 'fit_prior', 'classify_codes', 'sample_images']
 
 # %% ../nbs/08_prior.ipynb #0257df92
-def bits_per_dim(nll_nats: float, code_shape: tuple[int, int], image_shape: tuple[int, int, int]) -> float:
-    "Convert nats per code into bits per image dimension: hw * nll / ln 2 bits over the C*H*W numbers of an image."
+def codes_bits_per_dim(nll_nats: float, code_shape: tuple[int, int], image_shape: tuple[int, int, int]) -> float:
+    "Convert nats per code into bits per image dimension: the h*w codes' nats, spread over the C*H*W numbers of an image."
     (h, w), (C, H, W) = code_shape, image_shape
-    return nll_nats * h * w / math.log(2) / (C * H * W)
+    return float(bits_per_dim(torch.tensor(nll_nats * h * w, dtype=torch.float64), C * H * W))
 
 
 def unigram_entropy(codes: torch.Tensor, num_codes: int) -> float:
