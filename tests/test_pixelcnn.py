@@ -170,3 +170,14 @@ def test_code_loader_and_evaluate_nll():
     net = GatedPixelCNN(5, dim=8, n_layers=2)
     assert math.isclose(evaluate_nll(net, codes, batch_size=3), float(net.nll(codes).detach()), rel_tol=1e-5)
     assert math.isclose(float(prior_step(net, (codes, labels))['loss'].detach()), float(net.nll(codes).detach()), rel_tol=1e-6)
+
+def test_code_loader_epochs_replay_and_resume():
+    "CodeLoader's epochs are fixed by (seed, epoch) like DeviceLoader's, and can start at any batch (fit resumes there)."
+    from vqlearn.pixelcnn import CodeLoader
+    codes, labels = torch.randint(0, 7, (50, 4, 4)), torch.arange(50)
+    dl = CodeLoader(codes, labels, batch_size=8, seed=3)
+    e0 = [y for _, y in dl]; e1 = [y for _, y in dl]
+    assert dl.epoch == 2 and not all(torch.equal(a, b) for a, b in zip(e0, e1))
+    assert all(torch.equal(a, y) for a, (_, y) in zip(e0, CodeLoader(codes, labels, 8, seed=3).iter_epoch(0)))
+    assert torch.equal(next(dl.iter_epoch(1, start=2))[1], e1[2])
+    assert sorted(torch.cat(e0).tolist()) == sorted(torch.cat(e0).unique().tolist())  # no repeats within an epoch

@@ -12,7 +12,7 @@ def test_version_matches_settings():
 
 @pytest.mark.parametrize('mod,names', [
     ('vqlearn.core', ['get_device', 'seed_everything', 'quick', 'pick', 'show_images']),
-    ('vqlearn.data', ['get_dataset', 'ArrayDataset', 'DeviceLoader', 'get_loader', 'split_dataset', 'make_shapes',
+    ('vqlearn.data', ['get_dataset', 'ArrayDataset', 'DeviceLoader', 'epoch_generator', 'get_loader', 'split_dataset', 'make_shapes',
                       'load_npz', 'load_folder', 'KaoKore', 'download_kaokore', 'DATASETS']),
     ('vqlearn.train', ['fit', 'History', 'save_checkpoint', 'load_checkpoint', 'lr_multiplier']),
 ])

@@ -15,7 +15,7 @@ from .core import get_device, quick, pick, show_images
 # %% auto #0
 __all__ = ['SHAPES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'ArrayDataset', 'make_shapes', 'data_root', 'resize_images',
            'load_npz', 'load_folder', 'load_cifar10', 'load_stl10', 'download_kaokore', 'KaoKore', 'get_dataset',
-           'split_dataset', 'DeviceLoader', 'get_loader', 'loader_throughput']
+           'split_dataset', 'epoch_generator', 'DeviceLoader', 'get_loader', 'loader_throughput']
 
 # %% ../nbs/01_data.ipynb #651dee88
 class ArrayDataset(Dataset):
@@ -288,6 +288,10 @@ def split_dataset(ds: ArrayDataset, valid_frac: float = 0.1, seed: int = 0) -> t
     return ds.subset(perm[n_valid:].sort().values), ds.subset(perm[:n_valid].sort().values)
 
 # %% ../nbs/01_data.ipynb #e3c8c883
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    "The CPU generator that fixes a loader's order (and flips) in `epoch`: the same on every device, replayable."
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
 class DeviceLoader:
     "Batches (x float (B, C, H, W) in [0, 1], y int64 (B,)) from an ArrayDataset held on `device`; shuffle and flips on the device."
     def __init__(self, ds: ArrayDataset, batch_size: int = 64, shuffle: bool = True, flip: bool = False,
@@ -308,7 +312,7 @@ class DeviceLoader:
     def _plan(self, epoch: int):
         "The permutation and flip decisions of `epoch` (computed on the CPU, so they are the same on every device)."
         n = len(self.images)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else None
         return order.to(self.device), None if flips is None else flips.to(self.device)

@@ -8,6 +8,7 @@ import math, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .data import epoch_generator
 
 # %% auto #0
 __all__ = ['make_mask', 'MaskedConv2d', 'dependency_maps', 'gate', 'shift_down', 'GatedLayer', 'GatedPixelCNN', 'draw_uniforms',
@@ -330,13 +331,17 @@ class CodeLoader:
         n = len(self.codes)
         return n // self.bs if self.drop_last else math.ceil(n / self.bs)
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+    def iter_epoch(self, epoch: int, start: int = 0):
+        "Yield the batches of `epoch` from batch number `start` (the order is fixed by `seed` and `epoch`, as in `DeviceLoader`)."
+        g = epoch_generator(self.seed, epoch)
         order = (torch.randperm(len(self.codes), generator=g) if self.shuffle else torch.arange(len(self.codes))).to(self.device)
-        self.epoch += 1
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             idx = order[b * self.bs:(b + 1) * self.bs]
             yield self.codes[idx], (None if self.labels is None else self.labels[idx])
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1  # a new epoch per iteration, even one stopped early
+        yield from self.iter_epoch(epoch)
 
 
 def prior_step(model: GatedPixelCNN, batch) -> dict:

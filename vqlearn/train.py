@@ -136,7 +136,7 @@ def _batches(dl, start: int = 0):
     n = len(dl)
     if n == 0: raise ValueError("the data loader yields no batches (dataset smaller than one batch with drop_last=True?)")
     epoch, skip = divmod(start, n)
-    if isinstance(dl, DeviceLoader):
+    if hasattr(dl, 'iter_epoch'):  # DeviceLoader, CodeLoader: jump straight to (epoch, batch)
         while True:
             yield from dl.iter_epoch(epoch, skip); epoch, skip = epoch + 1, 0
     for i, b in enumerate(_endless(dl)):
