@@ -12,7 +12,7 @@ from .elbo import gaussian_kl_per_dim
 
 # %% auto #0
 __all__ = ['color_loss', 'mse', 'psnr', 'gaussian_window', 'gaussian_filter', 'ssim_map', 'ssim', 'ssim_loss', 'colour_loss',
-           'bits_per_dim', 'kl_per_dim', 'active_units']
+           'bits_per_dim', 'kl_per_dim', 'active_units', 'entropy', 'perplexity']
 
 # %% ../nbs/03b_metrics.ipynb #c1f38e91
 def _check_pair(x: Tensor, y: Tensor, name: str):
@@ -118,3 +118,14 @@ def active_units(mu: Tensor, threshold: float = 1e-2) -> int:
     "Number of latent dimensions whose posterior mean varies across the data (variance > `threshold`); `mu` is (N, D) over a dataset."
     if mu.ndim != 2 or mu.shape[0] < 2: raise ValueError(f"active_units expects posterior means (N, D) with N >= 2, got {tuple(mu.shape)}")
     return int((mu.var(0, unbiased=False) > threshold).sum())
+
+# %% ../nbs/03b_metrics.ipynb #bfb5198e
+def entropy(counts: Tensor) -> Tensor:
+    "Entropy in nats of the distribution proportional to non-negative `counts` (..., K) -> (...); 0 log 0 counts as 0."
+    counts = torch.as_tensor(counts)
+    p = counts.double() / counts.double().sum(-1, keepdim=True).clamp_min(1e-300)
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1).to(counts.dtype if counts.is_floating_point() else torch.float32)
+
+def perplexity(counts: Tensor) -> Tensor:
+    "exp(entropy): the number of equally likely outcomes with the same entropy as `counts` (..., K) -> (...)."
+    return torch.exp(entropy(counts))
