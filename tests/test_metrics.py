@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity, peak_signal_noise_ratio
-from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim, peak_signal_noise_ratio as tm_psnr
 from vqlearn.data import make_shapes
 from vqlearn.metrics import (mse, psnr, ssim, ssim_map, ssim_loss, gaussian_window, gaussian_filter, colour_loss, color_loss,
                              bits_per_dim, kl_per_dim, active_units)
@@ -13,9 +13,9 @@ from vqlearn.metrics import (mse, psnr, ssim, ssim_map, ssim_loss, gaussian_wind
 torch.set_num_threads(1)
 
 
-def sk_ssim(x, y):
+def sk_ssim(x, y, data_range=1.0):
     return np.mean([structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                          data_range=1.0, channel_axis=0) for a, b in zip(x.double().numpy(), y.double().numpy())])
+                                          data_range=data_range, channel_axis=0) for a, b in zip(x.double().numpy(), y.double().numpy())])
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +82,24 @@ def test_psnr_and_mse():
     assert psnr(x, x).item() == 100.0                              # floored MSE: a finite cap
     assert torch.allclose(mse(x, y), ((x - y) ** 2).mean())
     assert mse(x, y, reduction='none').shape == (len(x),)
+
+
+@pytest.mark.parametrize('name', ['random rgb', 'shapes noise', 'shapes blur', 'shapes tint'])
+def test_data_range(name):
+    "Images on [0, 255] with data_range=255 score as the same images on [0, 1]; the references agree at data_range=255."
+    x, y = _pairs()[name]
+    X, Y = 255 * x.double(), 255 * y.double()
+    assert psnr(X, Y, data_range=255).item() == pytest.approx(psnr(x.double(), y.double()).item(), abs=1e-9)
+    assert ssim(X, Y, data_range=255).item() == pytest.approx(ssim(x.double(), y.double()).item(), abs=1e-9)
+    ref_psnr = np.mean([peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(X.numpy(), Y.numpy())])
+    assert psnr(X, Y, data_range=255).item() == pytest.approx(ref_psnr, abs=1e-6)
+    assert psnr(X, Y, data_range=255).item() == pytest.approx(tm_psnr(X, Y, data_range=255.0, dim=(1, 2, 3)).item(), abs=1e-6)
+    assert ssim(X, Y, data_range=255).item() == pytest.approx(sk_ssim(X, Y, data_range=255), abs=1e-6)
+    _, full = tm_ssim(X, Y, data_range=255.0, return_full_image=True, reduction='none')
+    assert ssim(X, Y, data_range=255).item() == pytest.approx(full[..., 5:-5, 5:-5].flatten(1).mean(1).mean().item(), abs=1e-6)
+    # the range matters: the same [0, 255] images scored as if their range were 1 are very different numbers
+    assert abs(psnr(X, Y).item() - psnr(X, Y, data_range=255).item()) > 40
+    assert abs(ssim(X, Y, data_range=255).item() - ssim(X, Y, data_range=1.0).item()) > 1e-3
 
 
 def test_colour_loss():

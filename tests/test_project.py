@@ -11,7 +11,9 @@ def test_version_matches_settings():
     assert vqlearn.__version__ == cfg['DEFAULT']['version']
 
 @pytest.mark.parametrize('mod,names', [
-    ('vqlearn.core', ['get_device', 'seed_everything', 'quick', 'pick', 'show_images']),
+    ('vqlearn.core', ['get_device', 'seed_everything', 'quick', 'pick', 'show_images', 'run_mode', 'settings', 'Settings',
+                      'eval_mode', 'model_device', 'atomic_write', 'save_tensors', 'load_tensors', 'load_model_state',
+                      'Checkpointable', 'cached', 'cache_dir']),
     ('vqlearn.data', ['get_dataset', 'ArrayDataset', 'DeviceLoader', 'epoch_generator', 'get_loader', 'split_dataset', 'make_shapes',
                       'load_npz', 'load_folder', 'KaoKore', 'download_kaokore', 'DATASETS']),
     ('vqlearn.train', ['fit', 'History', 'save_checkpoint', 'load_checkpoint', 'lr_multiplier']),
@@ -79,3 +81,47 @@ def test_sidebar_lists_every_notebook():
     listed = re.findall(r'([\w.-]+\.ipynb)', (ROOT / 'nbs' / 'sidebar.yml').read_text())
     present = sorted(p.name for p in (ROOT / 'nbs').glob('*.ipynb'))
     assert sorted(listed) == present
+
+# --- the import graph: models on the lowest floor, data/train above them, lessons on top, no loops ---------------
+FLOORS = {'core': 0, 'elbo': 1, 'metrics': 1, 'quantize': 1, 'pixelcnn': 1, 'data': 2, 'train': 2}   # others: lessons (3)
+
+def _curriculum() -> list[str]:
+    "Modules in notebook order (the `#| default_exp` of each numbered notebook)."
+    import json
+    mods = []
+    for nb in sorted((ROOT / 'nbs').glob('[0-9]*.ipynb')):
+        for c in json.loads(nb.read_text())['cells']:
+            m = re.match(r'#\|\s*default_exp\s+(\S+)', ''.join(c['source']))
+            if m: mods.append(m.group(1)); break
+    return mods
+
+def _package_imports(path: Path) -> set[str]:
+    "vqlearn modules imported anywhere in a module (top level or inside functions)."
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1: out |= {node.module.split('.')[0]} if node.module else {a.name for a in node.names}
+            elif node.module and node.module.startswith('vqlearn.'): out.add(node.module.split('.')[1])
+            elif node.module == 'vqlearn': out |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split('.')[1] for a in node.names if a.name.startswith('vqlearn.')}
+    return out - {'_modidx', '__init__'}
+
+def test_import_graph_has_floors_and_no_loops():
+    order = _curriculum()
+    assert order[:3] == ['core', 'data', 'train'], order
+    floor = lambda m: FLOORS.get(m, 3)
+    bad = []
+    for m in order:
+        for dep in _package_imports(ROOT / 'vqlearn' / f'{m}.py'):
+            if dep not in order: bad.append(f'{m} imports unknown module {dep}'); continue
+            ok = floor(dep) < floor(m) or (floor(dep) == floor(m) and floor(m) != 2 and order.index(dep) < order.index(m))
+            if not ok: bad.append(f'{m} (floor {floor(m)}) imports {dep} (floor {floor(dep)})')
+    assert not bad, 'layering violations: ' + '; '.join(bad)
+
+def test_import_graph_check_can_fail(tmp_path):
+    "The checker sees lazy imports inside functions, relative and absolute forms."
+    p = tmp_path / 'm.py'
+    p.write_text('from .core import x\ndef f():\n    from vqlearn.data import y\n    import vqlearn.train\n')
+    assert _package_imports(p) == {'core', 'data', 'train'}

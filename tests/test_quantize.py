@@ -168,3 +168,63 @@ def test_bad_constructor_args():
     with pytest.raises(ValueError): VectorQuantizer(0, 4)
     with pytest.raises(ValueError): VectorQuantizerEMA(4, 4, decay=1.0)
     with pytest.raises(ValueError): VectorQuantizerEMA(4, 4, restart_after=0)
+
+
+def test_output_is_a_named_tuple():
+    out = VectorQuantizer(8, 4)(torch.randn(1, 4, 2, 2))
+    assert isinstance(out, tuple) and out._fields[:5] == ('z_q', 'codes', 'loss', 'perplexity', 'usage')
+    z_q, codes, *_ = out
+    assert z_q is out.z_q and codes is out.codes
+
+
+def test_code_stats_uses_the_metrics_perplexity():
+    from vqlearn.metrics import perplexity
+    codes = torch.tensor([0, 0, 0, 1, 2, 2, 5])
+    counts, ppl, _ = code_stats(codes, 8)
+    assert torch.isclose(ppl, perplexity(counts)) and abs(ppl.item() - perplexity(torch.tensor([3., 1, 2, 1])).item()) < 1e-6
+
+
+@pytest.mark.parametrize('cls,extra', [(VectorQuantizer, {}), (VectorQuantizerEMA, dict(decay=0.9, eps=1e-3, init_count=2.0))])
+def test_config_rebuilds_the_quantizer(cls, extra):
+    kw = dict(num_codes=12, dim=5, beta=0.3, kmeans_init=True, kmeans_iters=3, restart_after=7, chunk_size=11,
+              check_finite=False, **extra)
+    vq = cls(**kw)
+    assert vq.config == {**{k: v for k, v in cls().config.items()}, **kw}  # every constructor argument, nothing else
+    import inspect
+    assert set(vq.config) == set(inspect.signature(cls).parameters)
+    again = cls(**vq.config)
+    assert again.config == vq.config and (again.num_codes, again.dim, again.beta, again.restart_after) == (12, 5, 0.3, 7)
+    if extra: assert (again.decay, again.eps) == (0.9, 1e-3) and torch.all(again.cluster_size == 2.0)
+
+
+def _inertia(x, c):
+    return ((x[:, None] - c[None]) ** 2).sum(-1).min(1).values.sum().item()
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_kmeans_reaches_a_lloyd_fixed_point(seed):
+    "Each centre is the mean of the points assigned to it, and the inertia is far below that of the random start."
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(6, 3, generator=g) * 4
+    x = (means[torch.randint(0, 6, (600,), generator=g)] + 0.5 * torch.randn(600, 3, generator=g))  # (600, 3)
+    c = kmeans(x, 6, iters=50, generator=torch.Generator().manual_seed(seed))
+    start = x[torch.randperm(600, generator=torch.Generator().manual_seed(seed))[:6]]  # kmeans' own random start
+    a = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+    for j in range(6):
+        if (a == j).any(): assert torch.allclose(c[j], x[a == j].mean(0), atol=1e-5), f"centre {j} is not the mean of its points"
+    assert _inertia(x, c) < 0.9 * _inertia(x, start)
+    # the default 10 iterations also move the centres well away from the start
+    c10 = kmeans(x, 6, generator=torch.Generator().manual_seed(seed))
+    assert _inertia(x, c10) < 0.9 * _inertia(x, start)
+
+
+def test_kmeans_init_runs_lloyd_iterations():
+    "The quantizer's k-means initialisation really iterates: its codes are means of the first batch's vectors."
+    torch.manual_seed(0)
+    z = torch.randn(1, 2, 16, 16) * 3
+    vq = VectorQuantizerEMA(4, 2, kmeans_init=True, kmeans_iters=30)
+    vq._maybe_init(z.movedim(1, -1).reshape(-1, 2))
+    flat = z.movedim(1, -1).reshape(-1, 2)
+    a = nearest_code(flat, vq.codebook)
+    for j in range(4):
+        if (a == j).any(): assert torch.allclose(vq.codebook[j], flat[a == j].mean(0), atol=1e-5)

@@ -1,9 +1,16 @@
-"Tests for vqlearn.vae: the ConvVAE's shapes and layers, its loss, metrics, interpolation and a tiny training run."
+"Tests for vqlearn.vae: the ConvVAE's shapes and layers, checkpoints, its loss and exact resume, metrics, interpolation and a tiny training run."
 import math
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Normal
+from skimage.metrics import structural_similarity
+from vqlearn.core import Checkpointable
+from vqlearn.data import DeviceLoader, get_dataset
 from vqlearn.elbo import gaussian_kl, gaussian_log_lik
+from vqlearn.train import fit
 from vqlearn.vae import (ConvVAE, VAEOutput, VAELoss, VAE_STAGES, evaluate_vae, lerp, slerp, interpolate, saturation,
                          compare_losses)
 
@@ -23,6 +30,8 @@ def test_shapes_per_size(size, latent, fmap):
     xh = m.decode(torch.randn(5, latent) * 10)
     assert xh.shape == (5, 3, size, size) and xh.min() >= 0 and xh.max() <= 1
     assert m.sample(4).shape == (4, 3, size, size)
+    m.train(); m.sample(2)
+    assert m.training                                                   # sample() restores the mode
 
 
 def test_architecture_follows_seed():
@@ -78,6 +87,85 @@ def test_loss_is_negative_elbo_and_warmup():
     assert crit.step == 2 and torch.isclose(r['beta'], torch.tensor(0.2))
 
 
+def test_loss_state_dict_round_trip():
+    m = ConvVAE(32, 8, width=4).train()
+    x = torch.rand(2, 3, 32, 32)
+    crit = VAELoss(beta=2.0, warmup=10)
+    for _ in range(4): crit.step_fn(m, x)
+    assert crit.state_dict() == {'step': 4}
+    fresh = VAELoss(beta=2.0, warmup=10)
+    fresh.load_state_dict(crit.state_dict())
+    assert fresh.step == 4 and fresh.kl_weight() == crit.kl_weight() == pytest.approx(0.8)
+    fresh.load_state_dict({'step': torch.tensor(7)})                   # tensors, as a checkpoint may hold them
+    assert fresh.step == 7 and isinstance(fresh.step, int)
+    with pytest.raises(KeyError, match='step'): fresh.load_state_dict({})
+
+
+class _Crash(Exception): pass
+
+
+class _CrashingLoss(VAELoss):
+    "A VAELoss whose step function raises once `crash_at` training steps are done: a run killed mid-way."
+    def __init__(self, crash_at: int, **kw):
+        super().__init__(**kw)
+        self.crash_at = crash_at
+
+    def step_fn(self, model, batch):
+        if self.step == self.crash_at: raise _Crash
+        return super().step_fn(model, batch)
+
+
+def _vae_run(ckpt, crit, resume=False, steps=12):
+    ds = get_dataset('shapes', n=64, seed=0)
+    torch.manual_seed(0)
+    m = ConvVAE(32, 8, width=4)
+    dl = DeviceLoader(ds, batch_size=16, shuffle=True, drop_last=True, seed=0)
+    h = fit(m, dl, crit.step_fn, steps=steps, lr=2e-3, ckpt=ckpt, ckpt_every=2, resume=resume, log_every=1, progress=False)
+    return m, h
+
+
+def test_resume_is_exact_with_kl_warmup(tmp_path):
+    "A run that crashes and resumes from fit's checkpoint ends exactly where an uninterrupted run ends (warm-up included)."
+    ref_model, ref_hist = _vae_run(tmp_path / 'ref.safetensors', VAELoss(warmup=100))
+    ck = tmp_path / 'run.safetensors'
+    with pytest.raises(_Crash):
+        _vae_run(ck, _CrashingLoss(7, warmup=100))                     # dies in step 8; last checkpoint after step 6
+    crit = VAELoss(warmup=100)                                          # a fresh process: its counter starts at 0 ...
+    model, hist = _vae_run(ck, crit, resume=True)
+    assert crit.step == 12                                              # ... and fit restored it to 6, then ran 6 more
+    assert hist['beta'] == pytest.approx(ref_hist['beta'], abs=1e-7) and hist['beta'][-1] == pytest.approx(0.12)
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    again = ConvVAE.from_checkpoint(ck)                                 # fit's checkpoints rebuild the model too
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu()), name
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(7)
+    m = ConvVAE(64, 12, channels=1, width=4, max_width=8)
+    x = torch.rand(3, 1, 64, 64)
+    m(x)                                                                # a training pass moves the batch-norm statistics
+    path = m.save(tmp_path / 'vae.safetensors', note='round trip')
+    again = ConvVAE.from_checkpoint(path)
+    assert isinstance(again, ConvVAE) and not again.training
+    assert again.config == m.config == dict(image_size=64, latent_dim=12, channels=1, width=4, max_width=8)
+    m.eval()
+    z = torch.randn(2, 12)
+    with torch.no_grad():
+        assert torch.equal(again.encode(x)[0], m.encode(x)[0]) and torch.equal(again.decode(z), m.decode(z))
+    for (name, a), b in zip(m.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    class Other(Checkpointable, nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.lin = {}, nn.Linear(2, 2)
+    Other().save(tmp_path / 'other.safetensors')
+    with pytest.raises(ValueError, match='Other'):
+        ConvVAE.from_checkpoint(tmp_path / 'other.safetensors')
+
+
 def test_loss_terms_and_gradients():
     torch.manual_seed(2)
     m = ConvVAE(32, 8, width=4)
@@ -110,10 +198,13 @@ def test_lerp_slerp():
 
 def test_interpolate_endpoints_and_errors():
     torch.manual_seed(4)
-    m = ConvVAE(32, 8, width=4).eval()
+    m = ConvVAE(32, 8, width=4)
     x = torch.rand(2, 3, 32, 32)
-    path = interpolate(m, x[0], x[1], steps=5)
-    ends = m.decode(m.encode(x)[0]).detach()
+    m(x)                                                                # batch-norm statistics away from their start
+    path = interpolate(m, x[0], x[1], steps=5)                          # from a model in training mode ...
+    assert m.training                                                   # ... which stays in training mode
+    m.eval()
+    ends = m.decode(m.encode(x)[0]).detach()                            # the path runs in eval mode
     assert path.shape == (5, 3, 32, 32)
     assert torch.allclose(path[0], ends[0], atol=1e-5) and torch.allclose(path[-1], ends[1], atol=1e-5)
     with pytest.raises(ValueError): interpolate(m, x[0], x[1], mode='cubic')
@@ -131,7 +222,57 @@ def test_evaluate_vae():
     assert len(ev['kl_per_dim']) == 8 and abs(sum(ev['kl_per_dim']) - ev['kl']) < 1e-3 * max(1, ev['kl'])
     assert ev['iwae'] >= ev['elbo'] - 1.0
     assert ev['elbo_bpd'] == pytest.approx(-ev['elbo'] / (3072 * math.log(2)) + 8, rel=1e-5)
+    assert ev['iwae_bpd'] == pytest.approx(-ev['iwae'] / (3072 * math.log(2)) + 8, rel=1e-5)
     with pytest.raises(ValueError): evaluate_vae(m, x[0])
+    with pytest.raises(TypeError, match='float'): evaluate_vae(m, (x * 255).to(torch.uint8))
+
+
+def _colour_by_hand(a, b):
+    "The colour loss without adaptive pooling: the 3x3 grid of overlapping cells that pooling a 32-pixel image uses."
+    cells = [(0, 11), (10, 22), (21, 32)]
+    pool = lambda t: torch.stack([torch.stack([t[..., r0:r1, c0:c1].mean((-2, -1)) for c0, c1 in cells], -1)
+                                  for r0, r1 in cells], -2)              # (B, C, 3, 3)
+    return (pool(a) - pool(b)).pow(2).mean((1, 2, 3))                     # (B,)
+
+
+def test_evaluate_vae_matches_independent_computation():
+    "Every number of evaluate_vae against a computation that shares none of its code (catches e.g. a halved MSE)."
+    torch.manual_seed(5)
+    m = ConvVAE(32, 8, width=4)
+    x = torch.rand(20, 3, 32, 32)
+    m(x)                                                                # running statistics now differ from batch statistics
+    with torch.no_grad():                                               # an informative posterior: 5 of 8 dims vary with x
+        m.fc_mu.weight.mul_(20); m.fc_mu.weight[:3] = 0; m.fc_mu.bias[:3] = 0; m.fc_logvar.bias.fill_(-2.0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(0)
+    ev = evaluate_vae(m, x, sigma=0.2, k=8, batch_size=8)               # 3 batches: 8 + 8 + 4 images
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # eval mode, nothing updated
+    m.eval()
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        rec = m.decode(mu)                                              # (20, 3, 32, 32)
+        err = (rec - x).pow(2).flatten(1).mean(1)                       # (20,)
+        assert ev['mse'] == pytest.approx(err.mean().item(), rel=1e-5)
+        assert ev['psnr'] == pytest.approx((10 * torch.log10(1 / err)).mean().item(), rel=1e-5)
+        ref_ssim = np.mean([structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                                  data_range=1.0, channel_axis=0)
+                            for a, b in zip(rec.double().numpy(), x.double().numpy())])
+        assert ev['ssim'] == pytest.approx(ref_ssim, abs=1e-4)
+        assert ev['colour'] == pytest.approx(_colour_by_hand(rec, x).mean().item(), rel=1e-4)
+        kl_dims = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)         # (20, 8)
+        assert ev['kl'] == pytest.approx(kl_dims.sum(1).mean().item(), rel=1e-5) and ev['kl'] > 1.0
+        assert ev['kl_per_dim'] == pytest.approx(kl_dims.mean(0).tolist(), rel=1e-5)
+        assert ev['active_units'] == int((mu.var(0, unbiased=False) > 0.01).sum()) == 5
+        # ELBO and IWAE with a Gaussian decoder of std 0.2, by brute force over 256 samples per image
+        S = 256
+        z = mu + (0.5 * logvar).exp() * torch.randn(S, *mu.shape)      # (S, 20, 8)
+        ll = Normal(m.decode(z.flatten(0, 1)).view(S, *x.shape), 0.2).log_prob(x).flatten(2).sum(2)   # (S, 20)
+        elbo_ref = (ll.mean(0) - kl_dims.sum(1)).mean().item()
+        logw = ll + Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
+        iwae_ref = (torch.logsumexp(logw, 0) - math.log(S)).mean().item()   # a tighter bound than K = 8
+    assert ev['elbo'] == pytest.approx(elbo_ref, abs=1.0)
+    assert elbo_ref - 1.0 < ev['iwae'] < iwae_ref + 1.0
+    assert ev['elbo_bpd'] == pytest.approx(-elbo_ref / (3072 * math.log(2)) + 8, abs=1e-3)
 
 
 def test_saturation():

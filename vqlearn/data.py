@@ -6,28 +6,45 @@
 from __future__ import annotations
 import csv, os, math, time
 from pathlib import Path
+from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader
-from .core import get_device, quick, pick, show_images
+from .core import get_device, save_tensors, load_tensors
 
 # %% auto #0
-__all__ = ['SHAPES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'ArrayDataset', 'make_shapes', 'data_root', 'resize_images',
-           'load_npz', 'load_folder', 'load_cifar10', 'load_stl10', 'download_kaokore', 'KaoKore', 'get_dataset',
-           'split_dataset', 'epoch_generator', 'DeviceLoader', 'get_loader', 'loader_throughput']
+__all__ = ['SHAPES', 'CIFAR10_CLASSES', 'STL10_CLASSES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'CODES_FORMAT',
+           'ArrayDataset', 'make_shapes', 'data_root', 'check_classes', 'select_classes', 'resize_images', 'load_npz',
+           'load_folder', 'load_cifar10', 'load_stl10', 'download_kaokore', 'KaoKore', 'get_dataset', 'split_dataset',
+           'epoch_generator', 'DeviceLoader', 'get_loader', 'loader_throughput', 'image_batches', 'CodeMaps',
+           'save_codes', 'load_codes']
 
 # %% ../nbs/01_data.ipynb #651dee88
+def _is_integer(t: torch.Tensor) -> bool:
+    "True for integer dtypes (not bool, not float)."
+    return not (t.dtype == torch.bool or t.is_floating_point() or t.is_complex())
+
+def _check_labels(labels, n: int, n_classes: int | None, where: str = 'labels') -> torch.Tensor:
+    "`labels` as int64 (n,), after checking that they are integers in [0, n_classes) (n_classes None: only >= 0)."
+    labels = torch.as_tensor(labels)
+    if not _is_integer(labels): raise ValueError(f"{where} must be integers (class ids); got {labels.dtype}")
+    if labels.shape != (n,): raise ValueError(f"{where} must have shape ({n},), one per image; got {tuple(labels.shape)}")
+    if n:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or (n_classes is not None and hi >= n_classes):
+            raise ValueError(f"{where} must lie in [0, {n_classes if n_classes is not None else 'n_classes'}); got values from {lo} to {hi}")
+    return labels.long()
+
 class ArrayDataset(Dataset):
     "Images held as one uint8 tensor (N, C, H, W) with int64 labels; items are (float image in [0, 1], label)."
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None):
-        images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+        images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be uint8 of shape (N, C, H, W) with C in (1, 3); got {images.dtype} {tuple(images.shape)}")
-        if labels.ndim != 1 or len(labels) != len(images):
-            raise ValueError(f"labels must have shape ({len(images)},); got {tuple(labels.shape)}")
-        self.images, self.labels = images, labels.long()
-        self.classes = list(classes) if classes is not None else [str(int(i)) for i in range(int(self.labels.max()) + 1 if len(self.labels) else 0)]
+        classes = list(classes) if classes is not None else None
+        self.images, self.labels = images, _check_labels(labels, len(images), None if classes is None else len(classes))
+        self.classes = classes if classes is not None else [str(i) for i in range(int(self.labels.max()) + 1 if len(self.labels) else 0)]
 
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.images[i].float() / 255, self.labels[i]
@@ -103,18 +120,36 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get('VQLEARN_DATA') or Path.home() / '.cache' / 'vqlearn').expanduser()
 
 # %% ../nbs/01_data.ipynb #b9ed1731
-def _select_classes(images, labels, all_classes: list[str], classes: list[str] | None):
-    "Keep only `classes` (names, in the order given) and remap their labels to 0..len(classes)-1."
-    if classes is None: return images, labels, list(all_classes)
-    if isinstance(classes, str): classes = [classes]
-    unknown = [c for c in classes if c not in all_classes]
+def _class_names(classes) -> list[str] | None:
+    "`classes` as a list of names: None stays None, a single name becomes [name] (not a list of letters)."
+    if classes is None: return None
+    if isinstance(classes, str): return [classes]
+    names = list(classes) if isinstance(classes, (list, tuple)) else None
+    if not names or not all(isinstance(c, str) for c in names):
+        raise TypeError(f"classes must be a class name or a non-empty list of names; got {classes!r}")
+    return names
+
+def check_classes(classes, all_classes) -> list[str] | None:
+    "The names in `classes` (a name or a list) after checking them against `all_classes`; None means all classes."
+    names = _class_names(classes)
+    if names is None: return None
+    unknown = [c for c in names if c not in all_classes]
     if unknown: raise ValueError(f"unknown class name(s) {unknown}; valid names are {list(all_classes)}")
-    if len(set(classes)) != len(classes): raise ValueError(f"class names repeat: {classes}")
-    old = torch.tensor([all_classes.index(c) for c in classes])
-    labels = torch.as_tensor(labels).long()
-    keep = (labels[:, None] == old[None]).any(1)
-    new_labels = (labels[keep][:, None] == old[None]).long().argmax(1)
-    return images[keep], new_labels, list(classes)
+    if len(set(names)) != len(names): raise ValueError(f"class names repeat: {names}")
+    return names
+
+def select_classes(images, labels, all_classes: list[str], classes: str | list[str] | None):
+    """Keep the items of `classes` (a name or a list of names, in the order given); returns (images, labels remapped to
+    0..len(classes)-1, names). `images` is a tensor (N, ...) or a list of N items (e.g. file paths); `classes=None` keeps all."""
+    all_classes = list(all_classes)
+    names = check_classes(classes, all_classes)
+    if not isinstance(labels, torch.Tensor): labels = torch.as_tensor(np.asarray(labels) if len(labels) else np.zeros(0, np.int64))
+    labels = _check_labels(labels, len(images), len(all_classes))
+    if names is None: return images, labels, all_classes
+    hit = labels[:, None] == torch.tensor([all_classes.index(c) for c in names])[None]  # (N, len(names))
+    keep = hit.any(1)
+    images = images[keep] if isinstance(images, torch.Tensor) else [im for im, k in zip(images, keep.tolist()) if k]
+    return images, hit[keep].long().argmax(1), names
 
 def resize_images(images: torch.Tensor, size: int | None, chunk: int = 512) -> torch.Tensor:
     "Resize uint8 images (N, C, H, W) to (N, C, size, size) with antialiased bilinear interpolation."
@@ -124,7 +159,7 @@ def resize_images(images: torch.Tensor, size: int | None, chunk: int = 512) -> t
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
 # %% ../nbs/01_data.ipynb #50d31a01
-def load_npz(path: str | os.PathLike, classes: list[str] | None = None, size: int | None = None) -> ArrayDataset:
+def load_npz(path: str | os.PathLike, classes: str | list[str] | None = None, size: int | None = None) -> ArrayDataset:
     "An ArrayDataset from an .npz with `images` (N, H, W, 3) uint8, `labels` (N,) and optional `classes` names."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no .npz file at {path}; expected a file with arrays 'images' (N, H, W, 3) uint8 and 'labels' (N,)")
@@ -137,10 +172,11 @@ def load_npz(path: str | os.PathLike, classes: list[str] | None = None, size: in
         raise ValueError(f"{path}: 'images' must be uint8 of shape (N, H, W, 3) (or (N, H, W, 1)); got {images.dtype} {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: 'labels' must be integers of shape ({len(images)},); got {labels.dtype} {labels.shape}")
+    labels = _check_labels(torch.from_numpy(labels.astype(np.int64)), len(images), None if names is None else len(names),
+                           where=f"{path}: 'labels'")
     imgs = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(labels.astype(np.int64))
     if names is None: names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
-    imgs, labels, names = _select_classes(imgs, labels, names, classes)
+    imgs, labels, names = select_classes(imgs, labels, names, classes)
     return ArrayDataset(resize_images(imgs, size), labels, names)
 
 # %% ../nbs/01_data.ipynb #3793a881
@@ -153,26 +189,29 @@ class _ToTensorResize:
         if self.size is not None: x = resize(x, [self.size, self.size], antialias=True)
         return x.float() / 255
 
-def load_folder(root: str | os.PathLike, classes: list[str] | None = None, size: int | None = None):
+def load_folder(root: str | os.PathLike, classes: str | list[str] | None = None, size: int | None = None):
     "A lazily loaded dataset from `root/<class>/<image>` (torchvision ImageFolder); `classes` picks and orders classes."
     from torchvision.datasets import ImageFolder
     root = Path(root)
     if not root.is_dir(): raise FileNotFoundError(f"no image folder at {root}; expected one sub-folder of images per class")
     ds = ImageFolder(str(root), transform=_ToTensorResize(size))
-    if classes is not None:
-        if isinstance(classes, str): classes = [classes]
-        unknown = [c for c in classes if c not in ds.classes]
-        if unknown: raise ValueError(f"unknown class name(s) {unknown}; valid names are {ds.classes}")
-        old = {ds.class_to_idx[c]: i for i, c in enumerate(classes)}
-        ds.samples = [(p, old[t]) for p, t in ds.samples if t in old]
-        ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
-        ds.classes, ds.class_to_idx = list(classes), {c: i for i, c in enumerate(classes)}
+    paths, labels, names = select_classes([p for p, _ in ds.samples], ds.targets, ds.classes, classes)
+    ds.samples = ds.imgs = list(zip(paths, labels.tolist()))
+    ds.targets, ds.classes, ds.class_to_idx = labels.tolist(), names, {c: i for i, c in enumerate(names)}
     ds.target_transform = lambda t: torch.tensor(t, dtype=torch.long)
     return ds
 
 # %% ../nbs/01_data.ipynb #ce3604fe
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+STL10_CLASSES = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck']
 _URLS = {'cifar10': 'https://www.cs.toronto.edu/~kriz/cifar.html (the "python version")',
          'stl10': 'https://cs.stanford.edu/~acoates/stl10/ (the "binary files")'}
+
+def _split(name: str, train, splits=('train', 'test')) -> str:
+    "The split that `train` names: True -> 'train', False -> 'test', or one of `splits` by name; anything else is an error."
+    if isinstance(train, bool) and {'train', 'test'} <= set(splits): return 'train' if train else 'test'
+    if isinstance(train, str) and train in splits: return train
+    raise ValueError(f"{name}: train must be True, False or one of {list(splits)}; got {train!r}")
 
 def _tv_dataset(name, root, download, **kw):
     import torchvision
@@ -182,22 +221,24 @@ def _tv_dataset(name, root, download, **kw):
         raise FileNotFoundError(f"{name} was not found in {root} and could not be downloaded ({type(e).__name__}: {e}). "
                                 f"Download it from {_URLS[name]} and extract it into {root}, pass root=<folder>, or set $VQLEARN_DATA.") from e
 
-def load_cifar10(root=None, train: bool = True, classes=None, size=None, download: bool = True) -> ArrayDataset:
-    "CIFAR-10 through torchvision as an ArrayDataset; `classes` picks classes by name (e.g. ['horse', 'bird'])."
-    ds = _tv_dataset('cifar10', data_root(root), download, train=train)
+def load_cifar10(root=None, train: bool | str = True, classes=None, size=None, download: bool = True) -> ArrayDataset:
+    "CIFAR-10 through torchvision as an ArrayDataset; `train` True/False/'train'/'test'; `classes` a name or names (e.g. ['horse', 'bird'])."
+    split = _split('cifar10', train)
+    check_classes(classes, CIFAR10_CLASSES)  # names are known without the data: check them first
+    ds = _tv_dataset('cifar10', data_root(root), download, train=split == 'train')
     imgs = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    imgs, labels, names = _select_classes(imgs, torch.tensor(ds.targets), list(ds.classes), classes)
+    imgs, labels, names = select_classes(imgs, torch.tensor(ds.targets), list(ds.classes), classes)
     return ArrayDataset(resize_images(imgs, size), labels, names)
 
 def load_stl10(root=None, train: bool | str = True, classes=None, size=None, download: bool = True) -> ArrayDataset:
-    "STL-10 through torchvision; `train` True/False/'unlabeled' (unlabelled images get label -1 → 0 with class 'unlabeled')."
-    split = train if isinstance(train, str) else ('train' if train else 'test')
+    "STL-10 through torchvision; `train` True/False/'train'/'test'/'unlabeled' (unlabelled images get label 0, class 'unlabeled')."
+    split = _split('stl10', train, ('train', 'test', 'unlabeled'))
+    if split == 'unlabeled' and classes is not None: raise ValueError("STL-10's unlabeled split has no classes to pick")
+    check_classes(classes, STL10_CLASSES)
     ds = _tv_dataset('stl10', data_root(root), download, split=split)
     imgs, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
-    if split == 'unlabeled':
-        if classes is not None: raise ValueError("STL-10's unlabeled split has no classes to pick")
-        return ArrayDataset(resize_images(imgs, size), torch.zeros_like(labels), ['unlabeled'])
-    imgs, labels, names = _select_classes(imgs, labels, list(ds.classes), classes)
+    if split == 'unlabeled': return ArrayDataset(resize_images(imgs, size), torch.zeros_like(labels), ['unlabeled'])
+    imgs, labels, names = select_classes(imgs, labels, list(ds.classes), classes)
     return ArrayDataset(resize_images(imgs, size), labels, names)
 
 # %% ../nbs/01_data.ipynb #1f7a804b
@@ -223,18 +264,20 @@ def download_kaokore(root, threads: int = 16, base_url: str = KAOKORE_REPO):
     return root
 
 class KaoKore(Dataset):
-    "KaoKore faces from the official folder layout; `label` is 'gender' or 'status'; lazily loaded, resized to `size`."
-    def __init__(self, root, split: str = 'train', label: str = 'status', size: int | None = 64):
+    "KaoKore faces from the official folder layout; `label` is 'gender' or 'status'; `classes` picks and orders classes; lazily loaded, resized to `size`."
+    def __init__(self, root, split: str = 'train', label: str = 'status', size: int | None = 64, classes=None):
         root = Path(root)
         if split not in ('train', 'dev', 'test'): raise ValueError(f"split must be 'train', 'dev' or 'test'; got {split!r}")
         if label not in KAOKORE_LABELS: raise ValueError(f"label must be one of {list(KAOKORE_LABELS)}; got {label!r}")
+        check_classes(classes, KAOKORE_LABELS[label])
         if not (root / 'labels.csv').is_file() or not (root / 'images_256').is_dir():
             raise FileNotFoundError(f"KaoKore not found in {root}: expected {root / 'labels.csv'} and {root / 'images_256'}/. "
                                     f"Get it with vqlearn.data.download_kaokore({str(root)!r}) or the official script at https://github.com/rois-codh/kaokore")
         with open(root / 'labels.csv', newline='') as f: rows = list(csv.DictReader(f))
-        self.items = [(root / 'images_256' / r['image'], int(r[label])) for r in rows
-                      if r['set'] == split and (root / 'images_256' / r['image']).exists()]
-        self.classes, self.tfm = list(KAOKORE_LABELS[label]), _ToTensorResize(size)
+        items = [(root / 'images_256' / r['image'], int(r[label])) for r in rows
+                 if r['set'] == split and (root / 'images_256' / r['image']).exists()]
+        paths, labels, self.classes = select_classes([p for p, _ in items], [y for _, y in items], KAOKORE_LABELS[label], classes)
+        self.items, self.tfm = list(zip(paths, labels.tolist())), _ToTensorResize(size)
     def __len__(self): return len(self.items)
     def __getitem__(self, i):
         from PIL import Image
@@ -244,41 +287,46 @@ class KaoKore(Dataset):
 # %% ../nbs/01_data.ipynb #0f50c8b6
 DATASETS = ('shapes', 'cifar10', 'stl10', 'kaokore', 'npz', 'folder')
 
-def get_dataset(name: str, train: bool | str = True, classes: list[str] | None = None, size: int | None = None,
+def _no_more(name: str, kw: dict, takes: str):
+    "Unknown keyword arguments are an error, never silently ignored."
+    if kw: raise TypeError(f"unexpected argument(s) {sorted(kw)} for {name!r}; it takes {takes}")
+
+def get_dataset(name: str, train: bool | str = True, classes: str | list[str] | None = None, size: int | None = None,
                 root: str | os.PathLike | None = None, download: bool = True, **kw):
     """A dataset of (image float (C, H, W) in [0, 1], label int64) items, by `name` (one of `DATASETS`).
-    In-memory datasets are `ArrayDataset`s; 'kaokore' and 'folder' load lazily.
+    In-memory datasets are `ArrayDataset`s; 'kaokore' and 'folder' load lazily. `train` is True/False or a split name
+    ('train', 'test'; 'unlabeled' for stl10; 'dev' for kaokore); `classes` is a class name or a list of names.
     'shapes' takes `n=` (default 5000 train / 1000 test) and `seed=`; 'kaokore' takes `label=` ('status' or 'gender');
     'npz' and 'folder' have no official split: `root` is the file or folder, and `train` must be True (use `split_dataset`)."""
     name = name.lower() if isinstance(name, str) else name
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names are {list(DATASETS)}")
+    common = 'train, classes, size, root, download'
     if name == 'shapes':
-        if not isinstance(train, bool): raise ValueError(f"'shapes' has train=True or False; got {train!r}")
-        n = kw.pop('n', 5000 if train else 1000)
-        seed = kw.pop('seed', 0) * 2 + (0 if train else 1)  # train and test never share a seed
-        if kw: raise TypeError(f"unexpected arguments for 'shapes': {list(kw)}")
-        imgs, labels = make_shapes(n, size=size or 32, seed=seed)
-        imgs, labels, names = _select_classes(imgs, labels, SHAPES, classes)
-        return ArrayDataset(imgs, labels, names)
+        split = _split('shapes', train)
+        n, seed = kw.pop('n', 5000 if split == 'train' else 1000), kw.pop('seed', 0)
+        _no_more(name, kw, common + ', n, seed')
+        check_classes(classes, SHAPES)
+        imgs, labels = make_shapes(n, size=size or 32, seed=seed * 2 + int(split == 'test'))  # train and test never share a seed
+        return ArrayDataset(*select_classes(imgs, labels, SHAPES, classes))
     if name in ('npz', 'folder'):
+        _no_more(name, kw, common)
         if root is None: raise ValueError(f"{name!r} needs root= (the {'.npz file' if name == 'npz' else 'image folder'})")
-        if train is not True: raise ValueError(f"{name!r} has no official test split; load it with train=True and use split_dataset(...)")
+        if train is not True and train != 'train':
+            raise ValueError(f"{name!r} has no official test split; load it with train=True and use split_dataset(...); got train={train!r}")
         return (load_npz if name == 'npz' else load_folder)(root, classes=classes, size=size)
-    if name == 'cifar10': return load_cifar10(root, train=train, classes=classes, size=size, download=download)
-    if name == 'stl10': return load_stl10(root, train=train, classes=classes, size=size, download=download)
-    # kaokore
+    if name in ('cifar10', 'stl10'):
+        _no_more(name, kw, common)
+        return (load_cifar10 if name == 'cifar10' else load_stl10)(root, train=train, classes=classes, size=size, download=download)
+    # kaokore: check the arguments before a download
+    split, label = _split('kaokore', train, ('train', 'dev', 'test')), kw.pop('label', 'status')
+    _no_more(name, kw, common + ', label')
+    if label not in KAOKORE_LABELS: raise ValueError(f"label must be one of {list(KAOKORE_LABELS)}; got {label!r}")
+    check_classes(classes, KAOKORE_LABELS[label])
     root = data_root(root) / 'kaokore' if root is None else Path(root)
-    split = train if isinstance(train, str) else ('train' if train else 'test')
     if download and not (root / 'labels.csv').is_file():
         try: download_kaokore(root)
         except OSError as e: print(f"KaoKore download failed ({e}); looking for a local copy in {root}")
-    ds = KaoKore(root, split=split, label=kw.pop('label', 'status'), size=size if size is not None else 64)
-    if classes is not None:
-        unknown = [c for c in ([classes] if isinstance(classes, str) else classes) if c not in ds.classes]
-        if unknown: raise ValueError(f"unknown class name(s) {unknown}; valid names are {ds.classes}")
-        ds.items = [(p, classes.index(ds.classes[y])) for p, y in ds.items if ds.classes[y] in classes]
-        ds.classes = list(classes)
-    return ds
+    return KaoKore(root, split=split, label=label, size=size if size is not None else 64, classes=classes)
 
 def split_dataset(ds: ArrayDataset, valid_frac: float = 0.1, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     "A deterministic random split of an ArrayDataset into (train, valid)."
@@ -292,54 +340,81 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     "The CPU generator that fixes a loader's order (and flips) in `epoch`: the same on every device, replayable."
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
-class DeviceLoader:
-    "Batches (x float (B, C, H, W) in [0, 1], y int64 (B,)) from an ArrayDataset held on `device`; shuffle and flips on the device."
-    def __init__(self, ds: ArrayDataset, batch_size: int = 64, shuffle: bool = True, flip: bool = False,
-                 drop_last: bool = False, device=None, seed: int = 0):
-        if not isinstance(ds, ArrayDataset):
-            raise TypeError(f"DeviceLoader needs an ArrayDataset (in-memory uint8 images); got {type(ds).__name__}. "
-                            "Use ArrayDataset.from_dataset(ds) or get_loader(ds, ...) for a plain DataLoader")
-        if batch_size < 1: raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        self.device = get_device(device)
-        self.images, self.labels = ds.images.to(self.device), ds.labels.to(self.device)
-        self.bs, self.shuffle, self.flip, self.drop_last, self.seed = batch_size, shuffle, flip, drop_last, seed
-        self.epoch, self.dataset = 0, ds
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    return batch_size
 
-    def __len__(self):
-        n = len(self.images)
-        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
+class DeviceLoader:
+    """Batches of in-memory data held on `device`, shuffled and flipped there. From an ArrayDataset: (x float (B, C, H, W)
+    in [0, 1], y int64 (B,)); from a tuple of tensors sharing dim 0: tuples of their rows (None stays None, dtypes kept)."""
+    def __init__(self, data, batch_size: int = 64, shuffle: bool = True, flip: bool = False,
+                 drop_last: bool = False, device=None, seed: int = 0):
+        self.batch_size = _check_batch_size(batch_size)
+        self.is_images = isinstance(data, ArrayDataset)
+        if self.is_images: tensors = (data.images, data.labels)
+        elif (isinstance(data, (tuple, list)) and all(t is None or isinstance(t, torch.Tensor) for t in data)
+              and any(t is not None for t in data)): tensors = tuple(data)
+        else: raise TypeError(f"DeviceLoader needs an ArrayDataset or a tuple of tensors sharing dim 0 (None allowed); got "
+                              f"{type(data).__name__}. For a lazy dataset use get_loader(ds, ...) or ArrayDataset.from_dataset(ds)")
+        shapes = [None if t is None else tuple(t.shape) for t in tensors]
+        n = next(s for s in shapes if s is not None)[:1]
+        if not n or any(s is not None and s[:1] != n for s in shapes):
+            raise ValueError(f"the tensors must share their first dimension (N items); got shapes {shapes}")
+        self.n = n[0]
+        if self.n == 0: raise ValueError(f"DeviceLoader got an empty dataset (0 items, shapes {shapes}): there is nothing to batch")
+        if drop_last and self.n < batch_size:
+            raise ValueError(f"{self.n} items make no full batch of {batch_size} with drop_last=True: lower batch_size or set drop_last=False")
+        if flip and not self.is_images:
+            x = tensors[0]
+            if x is None or x.ndim != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
+                raise ValueError(f"flip=True mirrors images: the first tensor must be images (N, C, H, W) of uint8 or float; "
+                                 f"got {shapes[0]} {None if x is None else x.dtype}")
+        self.device = get_device(device)
+        self.tensors = tuple(None if t is None else t.to(self.device) for t in tensors)
+        self.shuffle, self.flip, self.drop_last, self.seed = shuffle, flip, drop_last, seed
+        self.epoch, self.dataset = 0, data
+
+    def __len__(self): return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def _plan(self, epoch: int):
-        "The permutation and flip decisions of `epoch` (computed on the CPU, so they are the same on every device)."
-        n = len(self.images)
+        "The permutation and flip decisions of `epoch` (drawn on the CPU, so they are the same on every device)."
         g = epoch_generator(self.seed, epoch)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        flips = torch.rand(n, generator=g) < 0.5 if self.flip else None
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        flips = torch.rand(self.n, generator=g) < 0.5 if self.flip else None
         return order.to(self.device), None if flips is None else flips.to(self.device)
 
     def iter_epoch(self, epoch: int, start: int = 0):
-        "Yield the batches of `epoch`, starting at batch number `start`."
+        "Yield the batches of `epoch`, starting at batch number `start` (the same batches every time: resumable)."
+        if not 0 <= start <= len(self): raise ValueError(f"start must be a batch number in [0, {len(self)}]; got {start}")
         order, flips = self._plan(epoch)
+        bs = self.batch_size
         for b in range(start, len(self)):
-            idx = order[b * self.bs:(b + 1) * self.bs]
-            x = self.images[idx].float().div_(255)  # (B, C, H, W)
-            if flips is not None: x = torch.where(flips[b * self.bs:(b + 1) * self.bs, None, None, None], x.flip(-1), x)
-            yield x, self.labels[idx]
+            idx = order[b * bs:(b + 1) * bs]
+            batch = [None if t is None else t[idx] for t in self.tensors]
+            if flips is not None:  # mirror about half of the images, in one operation
+                batch[0] = torch.where(flips[b * bs:(b + 1) * bs, None, None, None], batch[0].flip(-1), batch[0])
+            if self.is_images: batch[0] = batch[0].float().div_(255)  # (B, C, H, W) in [0, 1]
+            yield tuple(batch)
 
     def __iter__(self):
-        yield from self.iter_epoch(self.epoch)
-        self.epoch += 1
+        "A new epoch on every call: `for` loops move on to the next epoch, also after an early `break`."
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.iter_epoch(epoch)
 
 # %% ../nbs/01_data.ipynb #7cd96935
 def get_loader(ds, batch_size: int = 64, shuffle: bool = True, flip: bool = False, drop_last: bool = False,
                device=None, seed: int = 0, num_workers: int = 0):
-    "A `DeviceLoader` for an ArrayDataset, else a torch `DataLoader` (seeded shuffling; flips done in the batch)."
-    if isinstance(ds, ArrayDataset):
+    "A `DeviceLoader` for an ArrayDataset (or a tuple of tensors), else a torch `DataLoader` (seeded shuffling; flips done in the batch)."
+    if isinstance(ds, (ArrayDataset, tuple)):
         return DeviceLoader(ds, batch_size, shuffle=shuffle, flip=flip, drop_last=drop_last, device=device, seed=seed)
+    _check_batch_size(batch_size)
+    if len(ds) == 0: raise ValueError(f"get_loader got an empty dataset ({type(ds).__name__} with 0 items)")
     g = torch.Generator().manual_seed(seed)
     def collate(items):
         x, y = torch.stack([i[0] for i in items]), torch.stack([torch.as_tensor(i[1]) for i in items]).long()
         if flip:
+            if x.ndim != 4: raise ValueError(f"flip=True mirrors images (B, C, H, W); got a batch of shape {tuple(x.shape)}")
             f = torch.rand(len(x), generator=g) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
         return x, y
@@ -359,3 +434,96 @@ def loader_throughput(dl, device=None, max_batches: int = 200, warmup: int = 2) 
         if n >= max_batches: break
     sync()
     return n / (time.perf_counter() - t0)
+
+# %% ../nbs/01_data.ipynb #53ff2dc2
+def _float_images(x: torch.Tensor, where: str) -> torch.Tensor:
+    "Images (B, C, H, W) as float in [0, 1]: uint8 is divided by 255, float is kept, other dtypes are an error."
+    if x.ndim != 4: raise ValueError(f"{where}: images must be (N, C, H, W); got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8: return x.float() / 255
+    if x.is_floating_point(): return x.float()
+    raise TypeError(f"{where}: images must be uint8 (0..255) or float (0..1); got {x.dtype}")
+
+def image_batches(data, batch_size: int = 256, device=None):
+    """Batches (x float (B, C, H, W) in [0, 1] on `device`, y int64 (B,), -1 where unknown), in order, from an ArrayDataset,
+    a tensor of images (uint8 or float), a pair (images, labels), or any loader of (x, y) batches or of x batches."""
+    _check_batch_size(batch_size)
+    device = get_device(device)
+    unknown = lambda b: torch.full((b,), -1, dtype=torch.long, device=device)
+    if isinstance(data, ArrayDataset):
+        for i in range(0, len(data), batch_size):
+            yield data.images[i:i + batch_size].to(device).float() / 255, data.labels[i:i + batch_size].to(device)
+    elif isinstance(data, torch.Tensor):
+        _float_images(data[:1], 'image_batches')  # check shape and dtype before the first batch
+        for i in range(0, len(data), batch_size):
+            yield _float_images(data[i:i + batch_size].to(device), 'image_batches'), unknown(len(data[i:i + batch_size]))
+    elif (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+          and data[1].ndim == 1):
+        images, labels = data
+        _float_images(images[:1], 'image_batches')
+        if not _is_integer(labels) or len(labels) != len(images):
+            raise ValueError(f"image_batches: labels must be integers of shape ({len(images)},); got {labels.dtype} {tuple(labels.shape)}")
+        for i in range(0, len(images), batch_size):
+            yield _float_images(images[i:i + batch_size].to(device), 'image_batches'), labels[i:i + batch_size].long().to(device)
+    elif hasattr(data, '__iter__'):
+        for b in data:
+            x, y = (b[0], b[1]) if isinstance(b, (tuple, list)) else (b, None)
+            x = _float_images(torch.as_tensor(x).to(device), 'image_batches')
+            if y is None: yield x, unknown(len(x)); continue
+            y = torch.as_tensor(y)
+            if not _is_integer(y) or y.shape != (len(x),):
+                raise ValueError(f"image_batches: a batch's labels must be integers of shape ({len(x)},); got {y.dtype} {tuple(y.shape)}")
+            yield x, y.long().to(device)
+    else: raise TypeError(f"data must be an ArrayDataset, a tensor of images, (images, labels) or a loader; got {type(data).__name__}")
+
+# %% ../nbs/01_data.ipynb #9aed4f6e
+CODES_FORMAT = 'vqlearn-codes-1'
+
+class CodeMaps(NamedTuple):
+    "A code file's contents: named code maps (N, h, w) int64, labels (N,) int64 (-1: unknown), codebook sizes K, metadata."
+    maps: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_codes: dict[str, int]
+    meta: dict
+
+def _codes_problem(maps, labels, num_codes) -> str | None:
+    "What is wrong with a set of code maps, or None when they are valid."
+    if not isinstance(maps, dict) or not maps: return f"maps must be a non-empty dict {{name: code maps (N, h, w)}}; got {type(maps).__name__}"
+    if not isinstance(num_codes, dict) or set(num_codes) != set(maps):
+        return f"num_codes must give the codebook size K of each map {sorted(maps)}; got {num_codes!r}"
+    if not isinstance(labels, torch.Tensor) or not _is_integer(labels) or labels.ndim != 1:
+        return f"labels must be an integer tensor (N,); got {getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
+    n = len(labels)
+    if n and int(labels.min()) < -1: return f"labels must be class ids >= 0 (or -1: unknown); got a minimum of {int(labels.min())}"
+    for name, m in maps.items():
+        k = num_codes[name]
+        if not isinstance(name, str) or not name: return f"map names must be non-empty strings; got {name!r}"
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1: return f"num_codes[{name!r}] must be an integer >= 1; got {k!r}"
+        if not isinstance(m, torch.Tensor) or not _is_integer(m):
+            return f"map {name!r} must be an integer tensor; got {getattr(m, 'dtype', type(m).__name__)}"
+        if m.ndim != 3 or len(m) != n: return f"map {name!r} must have shape ({n}, h, w), one map per label; got {tuple(m.shape)}"
+        if m.numel() and (int(m.min()) < 0 or int(m.max()) >= k):
+            return f"map {name!r} holds codes from {int(m.min())} to {int(m.max())}, outside [0, {k})"
+    return None
+
+def save_codes(path: str | os.PathLike, maps: dict[str, torch.Tensor], labels: torch.Tensor, num_codes: dict[str, int], **meta) -> Path:
+    "Save named code maps (N, h, w), labels (N,), each map's codebook size and JSON-able `meta` to `path`, checked, atomically."
+    problem = _codes_problem(maps, labels, num_codes)
+    if problem: raise ValueError(f"cannot save the code file {path}: {problem}")
+    reserved = {'format', 'maps', 'num_codes'} & set(meta)
+    if reserved: raise ValueError(f"cannot save the code file {path}: meta keys {sorted(reserved)} are reserved")
+    tensors = {f'maps.{k}': v.long() for k, v in maps.items()} | {'labels': labels.long()}
+    return save_tensors(path, tensors, {'format': CODES_FORMAT, 'maps': list(maps), 'num_codes': dict(num_codes), **meta})
+
+def load_codes(path: str | os.PathLike) -> CodeMaps:
+    "The code maps, labels, codebook sizes and metadata saved by `save_codes`, checked again: a ValueError naming `path` if invalid."
+    tensors, meta = load_tensors(path)
+    if meta.get('format') != CODES_FORMAT:
+        raise ValueError(f"{path} is not a code file: its format is {meta.get('format')!r}, expected {CODES_FORMAT!r}")
+    names, labels = meta.get('maps'), tensors.get('labels')
+    missing = [f'maps.{k}' for k in names or [] if f'maps.{k}' not in tensors] + ([] if labels is not None else ['labels'])
+    if not isinstance(names, list) or missing: raise ValueError(f"{path} is an incomplete code file: missing {missing or 'the map names'}")
+    maps = {k: tensors[f'maps.{k}'] for k in names}
+    num_codes = meta.get('num_codes')
+    problem = _codes_problem(maps, labels, num_codes)
+    if problem: raise ValueError(f"{path} is not a valid code file: {problem}")
+    return CodeMaps(maps, labels, dict(num_codes), {k: v for k, v in meta.items() if k not in ('format', 'maps', 'num_codes')})

@@ -4,11 +4,11 @@
 
 # %% ../nbs/05_quantize.ipynb #9167cb74
 from __future__ import annotations
-import math
-from dataclasses import dataclass
+from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .metrics import perplexity as _perplexity  # the one entropy/perplexity implementation (lesson 03b)
 
 # %% auto #0
 __all__ = ['sq_distances', 'nearest_code', 'check_latents', 'code_stats', 'VQOutput', 'kmeans', 'VectorQuantizer',
@@ -51,14 +51,11 @@ def check_latents(z_e: torch.Tensor, dim: int, check_finite: bool = True):
 def code_stats(codes: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Counts (K,), perplexity and usage (fraction of codes used at least once) of integer `codes`."
     counts = torch.bincount(codes.reshape(-1), minlength=num_codes).float()  # (K,)
-    p = counts / counts.sum().clamp_min(1)
-    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
     usage = (counts > 0).float().mean()
-    return counts, perplexity, usage
+    return counts, _perplexity(counts), usage
 
 # %% ../nbs/05_quantize.ipynb #05b4fbb6
-@dataclass
-class VQOutput:
+class VQOutput(NamedTuple):
     "What a vector quantizer returns."
     z_q: torch.Tensor  # (B, D, H, W) quantized latents (straight-through: gradients flow to z_e)
     codes: torch.Tensor  # (B, H, W) int64 code indices
@@ -80,6 +77,8 @@ class _VQBase(nn.Module):
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.kmeans_init, self.kmeans_iters, self.restart_after = kmeans_init, kmeans_iters, restart_after
         self.chunk_size, self.check_finite = chunk_size, check_finite
+        self.config = dict(num_codes=num_codes, dim=dim, beta=beta, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+                           restart_after=restart_after, chunk_size=chunk_size, check_finite=check_finite)  # constructor args
         self.register_buffer('initted', torch.tensor(not kmeans_init))  # has the codebook been initialised from data?
         self.register_buffer('last_used', torch.zeros(num_codes, dtype=torch.long))  # step each code was last used
         self.register_buffer('step', torch.zeros((), dtype=torch.long))  # training steps seen
@@ -177,6 +176,7 @@ class VectorQuantizer(_VQBase):
                  chunk_size: int | None = None,  # rows per distance block (memory bound); None: all at once
                  check_finite: bool = True):  # raise on NaN/inf in z_e (costs one device sync)
         super().__init__(num_codes, dim, beta, kmeans_init, kmeans_iters, restart_after, chunk_size, check_finite)
+        # uniform(-1/K, 1/K): a common choice in popular implementations (the paper does not specify one)
         self.embedding = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))  # (K, D)
 
     @property
@@ -214,6 +214,7 @@ class VectorQuantizerEMA(_VQBase):
         super().__init__(num_codes, dim, beta, kmeans_init, kmeans_iters, restart_after, chunk_size, check_finite)
         if not 0 <= decay < 1: raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay, self.eps = decay, eps
+        self.config.update(decay=decay, eps=eps, init_count=init_count)
         embed = torch.randn(num_codes, dim)  # (K, D)
         self.register_buffer('embedding', embed)
         self.register_buffer('cluster_size', torch.full((num_codes,), float(init_count)))  # N_k

@@ -4,17 +4,34 @@
 
 # %% ../nbs/06_vqvae.ipynb #4aa53f50
 from __future__ import annotations
-import json, math, os
+import hashlib, math, os
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import Checkpointable, Settings, cached, eval_mode, get_device, model_device, seed_everything
 from .quantize import VectorQuantizer, VectorQuantizerEMA, VQOutput, code_stats
-from .train import _atomic_save  # the checkpoints' atomic safetensors writer
+from .data import ArrayDataset, DeviceLoader, get_dataset, image_batches, load_codes, save_codes, split_dataset
+from .train import History, fit, save_checkpoint
 
 # %% auto #0
-__all__ = ['QUANTIZERS', 'CPU_RECIPE', 'ResBlock', 'make_encoder', 'make_decoder', 'VQVAE', 'vqvae_step', 'lr_schedule',
-           'evaluate_vqvae', 'extract_codes', 'save_codes', 'load_codes']
+__all__ = ['VQVAE_SETTINGS', 'QUANTIZERS', 'QUANTIZER_CLASSES', 'VQVAE_STAGE_KEYS', 'ResBlock', 'make_encoder', 'make_decoder',
+           'register_quantizer', 'quantizer_spec', 'build_quantizer', 'VQVAE', 'vqvae_step', 'evaluate_vqvae',
+           'vqvae_data', 'train_vqvae', 'vqvae_stage', 'extract_codes', 'codes_stage']
+
+# %% ../nbs/06_vqvae.ipynb #eb2d23a2
+_VQVAE_COMMON = dict(quantizer='ema_restart', flip=True, seed=0, min_usage=0.5)
+VQVAE_SETTINGS = dict(
+    quick=dict(_VQVAE_COMMON, data='shapes', classes=None, n_train=2000, n_test=500,
+               model=dict(hidden=32, res_hidden=16, n_res=1, num_codes=128, dim=32),
+               steps=800, batch_size=8, lr=2e-3, warmup=10, log_every=25, max_mse=0.035),
+    docs=dict(_VQVAE_COMMON, data='cifar10', classes=['horse', 'bird'], n_train=None, n_test=None,
+              model=dict(hidden=64, res_hidden=32, n_res=2, num_codes=512, dim=64),
+              steps=3000, batch_size=8, lr=2e-3, warmup=100, log_every=100, max_mse=0.008),
+    full=dict(_VQVAE_COMMON, data='cifar10', classes=None, n_train=None, n_test=None,
+              model=dict(hidden=128, res_hidden=64, n_res=2, num_codes=512, dim=64),
+              steps=20_000, batch_size=128, lr=1e-3, warmup=500, log_every=200, max_mse=0.006),
+)
 
 # %% ../nbs/06_vqvae.ipynb #d1cd9311
 class ResBlock(nn.Module):
@@ -48,11 +65,37 @@ def make_decoder(out_channels: int = 3, hidden: int = 64, res_hidden: int = 32, 
         layers += [nn.ConvTranspose2d(c, out, 4, stride=2, padding=1)] + ([] if last else [nn.ReLU()]); c = out
     return nn.Sequential(*layers)
 
-# %% ../nbs/06_vqvae.ipynb #7250953d
+# %% ../nbs/06_vqvae.ipynb #fd25e0c3
 QUANTIZERS = ('plain', 'ema', 'ema_restart')
+QUANTIZER_CLASSES: dict[str, type] = {}  # class name -> quantizer class, for rebuilding models from checkpoints
 
-class VQVAE(nn.Module):
-    "VQ-VAE: encoder -> vector quantizer -> decoder; images (B, C, H, W) in [0, 1] <-> code maps (B, H/f, W/f) int64."
+def register_quantizer(cls: type) -> type:
+    "Let VQ-VAE checkpoints rebuild quantizers of class `cls` (which keeps its constructor arguments in `.config`)."
+    QUANTIZER_CLASSES[cls.__name__] = cls
+    return cls
+
+register_quantizer(VectorQuantizer); register_quantizer(VectorQuantizerEMA)
+
+def quantizer_spec(quantizer: nn.Module) -> dict:
+    "{'class': name, **config}: how a model records a quantizer module so that `build_quantizer` can rebuild it."
+    if not isinstance(getattr(quantizer, 'config', None), dict):
+        raise TypeError(f"a quantizer module must keep its constructor arguments in a dict `.config` so that the model "
+                        f"can be saved and rebuilt; {type(quantizer).__name__} has none")
+    return {'class': type(quantizer).__name__, **quantizer.config}
+
+def build_quantizer(spec: dict) -> nn.Module:
+    "The quantizer described by `spec` = {'class': a registered class name, **its constructor arguments}."
+    if not isinstance(spec, dict) or 'class' not in spec:
+        raise ValueError(f"a quantizer spec is a dict {{'class': name, **config}}; got {spec!r}")
+    name = spec['class']
+    if name not in QUANTIZER_CLASSES:
+        raise ValueError(f"unknown quantizer class {name!r}; registered: {sorted(QUANTIZER_CLASSES)}. "
+                         f"Call register_quantizer({name}) before building or loading the model")
+    return QUANTIZER_CLASSES[name](**{k: v for k, v in spec.items() if k != 'class'})
+
+# %% ../nbs/06_vqvae.ipynb #7250953d
+class VQVAE(Checkpointable, nn.Module):
+    "VQ-VAE: encoder -> vector quantizer -> decoder; float images (B, C, H, W) in [0, 1] <-> code maps (B, H/f, W/f) int64."
     def __init__(self, in_channels: int = 3,
                  hidden: int = 64,  # channels of the convolutions at the code resolution
                  res_hidden: int = 32,  # channels inside the residual blocks
@@ -61,24 +104,25 @@ class VQVAE(nn.Module):
                  num_codes: int = 512,  # K
                  dim: int = 64,  # D
                  beta: float = 0.25,  # commitment weight
-                 quantizer: str | nn.Module = 'ema_restart',  # 'plain', 'ema', 'ema_restart' or a quantizer module
+                 quantizer: str | dict | nn.Module = 'ema_restart',  # a name in QUANTIZERS, a quantizer module or spec
                  decay: float = 0.99,  # EMA decay (EMA quantizers)
                  restart_after: int = 20):  # steps without use before a code is re-seeded ('ema_restart')
         super().__init__()
         if n_down < 1: raise ValueError(f"n_down must be >= 1, got {n_down}")
         self.in_channels, self.n_down = in_channels, n_down
-        self.config = dict(in_channels=in_channels, hidden=hidden, res_hidden=res_hidden, n_res=n_res, n_down=n_down,
-                           num_codes=num_codes, dim=dim, beta=beta, decay=decay, restart_after=restart_after,
-                           quantizer=quantizer if isinstance(quantizer, str) else type(quantizer).__name__)
         self.encoder = make_encoder(in_channels, hidden, res_hidden, n_res, n_down, dim)
         self.decoder = make_decoder(in_channels, hidden, res_hidden, n_res, n_down, dim)
         if isinstance(quantizer, nn.Module): self.quantizer = quantizer
+        elif isinstance(quantizer, dict): self.quantizer = build_quantizer(quantizer)
         elif quantizer == 'plain': self.quantizer = VectorQuantizer(num_codes, dim, beta)
         elif quantizer == 'ema': self.quantizer = VectorQuantizerEMA(num_codes, dim, beta, decay)
         elif quantizer == 'ema_restart':
             self.quantizer = VectorQuantizerEMA(num_codes, dim, beta, decay, kmeans_init=True, restart_after=restart_after)
-        else: raise ValueError(f"quantizer must be one of {QUANTIZERS} or an nn.Module, got {quantizer!r}")
+        else: raise ValueError(f"quantizer must be one of {QUANTIZERS}, a quantizer module or a spec dict, got {quantizer!r}")
+        spec = quantizer if isinstance(quantizer, str) else quantizer_spec(self.quantizer)  # what the config records
         if self.quantizer.dim != dim: raise ValueError(f"the quantizer has dim {self.quantizer.dim}, the encoder outputs {dim}")
+        self.config = dict(in_channels=in_channels, hidden=hidden, res_hidden=res_hidden, n_res=n_res, n_down=n_down,
+                           num_codes=num_codes, dim=dim, beta=beta, decay=decay, restart_after=restart_after, quantizer=spec)
 
     @property
     def num_codes(self) -> int: return self.quantizer.num_codes
@@ -93,13 +137,19 @@ class VQVAE(nn.Module):
         return H // f, W // f
 
     def _check_images(self, x):
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected images of shape (B, {self.in_channels}, H, W) in [0, 1], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        "Raise a clear error unless `x` is a non-empty float batch (B, C, H, W) of a size the encoder can divide."
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a float tensor (B, {self.in_channels}, H, W) in [0, 1]; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be floats in [0, 1]; got dtype {x.dtype}. Convert uint8 images with "
+                            f"x.float() / 255 (extract_codes and evaluate_vqvae do this for datasets and uint8 tensors)")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.in_channels}, H, W) in [0, 1], got {tuple(x.shape)}")
+        if x.shape[0] == 0: raise ValueError(f"got an empty batch of images (B = 0, shape {tuple(x.shape)}); pass at least one")
         self.code_shape(tuple(x.shape[-2:]))
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        "Continuous encoder output z_e (B, D, h, w) for images `x` (B, C, H, W) in [0, 1]."
+        "Continuous encoder output z_e (B, D, h, w) for float images `x` (B, C, H, W) in [0, 1]."
         self._check_images(x)
         return self.encoder(x - 0.5)
 
@@ -108,13 +158,13 @@ class VQVAE(nn.Module):
         return torch.sigmoid(self.decoder(z_q))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, VQOutput]:
-        "Reconstruction (B, C, H, W) in [0, 1] and the quantizer's output for images `x` (B, C, H, W) in [0, 1]."
+        "Reconstruction (B, C, H, W) in [0, 1] and the quantizer's output for float images `x` (B, C, H, W) in [0, 1]."
         q = self.quantizer(self.encode_latents(x))
         return self.decode_latents(q.z_q), q
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        "Code map (B, h, w) int64 of images `x` (B, C, H, W) in [0, 1] (no codebook update)."
+        "Code map (B, h, w) int64 of float images `x` (B, C, H, W) in [0, 1] (no codebook update)."
         return self.quantizer.quantize(self.encode_latents(x))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -122,6 +172,7 @@ class VQVAE(nn.Module):
         if not isinstance(codes, torch.Tensor) or codes.ndim != 3:
             raise ValueError(f"codes must be a (B, h, w) integer tensor, got "
                              f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+        if codes.shape[0] == 0: raise ValueError(f"got an empty batch of code maps (B = 0, shape {tuple(codes.shape)})")
         return self.decode_latents(self.quantizer.lookup(codes))
 
 # %% ../nbs/06_vqvae.ipynb #f9e33953
@@ -132,83 +183,94 @@ def vqvae_step(model: VQVAE, batch) -> dict:
     mse = F.mse_loss(x_hat.float(), x.float())
     return dict(loss=mse + q.loss, mse=mse.detach(), vq=q.loss.detach(), perplexity=q.perplexity, usage=q.usage)
 
-# %% ../nbs/06_vqvae.ipynb #acc765a8
-def lr_schedule(frac: float, warmup: float = 0.03) -> float:
-    "Learning-rate multiplier at `frac` in [0, 1] of the budget: linear warm-up over `warmup`, then cosine to 0."
-    frac = min(max(frac, 0.0), 1.0)
-    if frac < warmup: return frac / warmup
-    return 0.5 * (1 + math.cos(math.pi * (frac - warmup) / max(1 - warmup, 1e-8)))
-
-CPU_RECIPE = dict(batch_size=8, lr=2e-3, warmup=0.03)  # the 10-minute CPU training recipe (bench/vqvae_quality.py)
-
 # %% ../nbs/06_vqvae.ipynb #76bcbbf4
-def _image_batches(data, batch_size: int, device):
-    "(x float (B, C, H, W) in [0, 1], y int64 (B,)) batches from an ArrayDataset, a tensor of images or a loader."
-    from vqlearn.data import ArrayDataset
-    if isinstance(data, ArrayDataset):
-        for i in range(0, len(data), batch_size):
-            yield data.images[i:i + batch_size].to(device).float() / 255, data.labels[i:i + batch_size].to(device)
-    elif isinstance(data, torch.Tensor):
-        if data.ndim != 4: raise ValueError(f"a tensor of images must be (N, C, H, W), got {tuple(data.shape)}")
-        for i in range(0, len(data), batch_size):
-            x = data[i:i + batch_size].to(device)
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            yield x, torch.full((len(x),), -1, dtype=torch.long, device=device)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        for (x, _), y in zip(_image_batches(data[0], batch_size, device), data[1].split(batch_size)): yield x, y.long().to(device)
-    elif hasattr(data, '__iter__'):
-        for b in data:
-            x, y = (b[0], b[1]) if isinstance(b, (tuple, list)) else (b, torch.full((len(b),), -1, dtype=torch.long))
-            x = x.to(device)
-            yield (x.float() / 255 if x.dtype == torch.uint8 else x.float()), torch.as_tensor(y).long().to(device)
-    else: raise TypeError(f"data must be an ArrayDataset, a tensor of images, (images, labels) or a loader; got {type(data).__name__}")
-
 @torch.no_grad()
 def evaluate_vqvae(model: VQVAE, data, batch_size: int = 256, device=None) -> dict:
-    "Reconstruction MSE (pixels in [0, 1]), PSNR (dB), code perplexity and usage of `model` over all of `data`."
-    from vqlearn.core import get_device
-    device = get_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training; model.eval()
+    """Reconstruction MSE (pixels in [0, 1]), PSNR (dB), code perplexity and usage of `model` over all of `data`
+    (an ArrayDataset, a tensor of uint8 or float images, (images, labels) or a loader; see `data.image_batches`)."""
+    device = get_device(device) if device is not None else model_device(model)
     se, n, codes = 0.0, 0, []
-    for x, _ in _image_batches(data, batch_size, device):
-        x_hat, q = model(x)
-        se += F.mse_loss(x_hat.float(), x, reduction='sum').item(); n += x.numel(); codes.append(q.codes.reshape(-1))
-    model.train(was_training)
-    if n == 0: raise ValueError("no images to evaluate")
+    with eval_mode(model):
+        for x, _ in image_batches(data, batch_size, device):
+            x_hat, q = model(x)
+            se += F.mse_loss(x_hat.float(), x, reduction='sum').item(); n += x.numel(); codes.append(q.codes.reshape(-1))
+    if n == 0: raise ValueError("no images to evaluate: `data` is empty")
     _, ppl, usage = code_stats(torch.cat(codes), model.num_codes)
     mse = se / n
     return dict(mse=mse, psnr=10 * math.log10(1 / max(mse, 1e-12)), perplexity=ppl.item(), usage=usage.item())
+
+# %% ../nbs/06_vqvae.ipynb #e458c84e
+def vqvae_data(C: dict) -> tuple[ArrayDataset, ArrayDataset]:
+    "(train, test) images of settings `C`: synthetic shapes, or CIFAR-10 (classes `C.classes`), from `$VQLEARN_NPZ` if set."
+    C = Settings(C)
+    if C.data == 'shapes':
+        return (get_dataset('shapes', n=C.n_train, seed=C.seed), get_dataset('shapes', train=False, n=C.n_test, seed=C.seed))
+    npz = os.environ.get('VQLEARN_NPZ')
+    if npz:  # a local copy of the images: hold out a fixed random tenth for testing
+        return split_dataset(get_dataset('npz', root=npz, classes=C.classes), valid_frac=0.1, seed=C.seed)
+    return get_dataset(C.data, train=True, classes=C.classes), get_dataset(C.data, train=False, classes=C.classes)
+
+def train_vqvae(C: dict, device=None) -> tuple[VQVAE, History]:
+    "Train the lesson's VQ-VAE with settings `C` (see `VQVAE_SETTINGS`): data, model and `fit`; returns (model, history)."
+    C, device = Settings(C), get_device(device)
+    seed_everything(C.seed)
+    train, _ = vqvae_data(C)
+    model = VQVAE(**C.model, quantizer=C.quantizer)
+    dl = DeviceLoader(train, batch_size=C.batch_size, shuffle=True, flip=C.flip, device=device, seed=C.seed)
+    hist = fit(model, dl, vqvae_step, steps=C.steps, lr=C.lr, sched='cosine', warmup=C.warmup, log_every=C.log_every,
+               device=device, progress=False)
+    return model.eval(), hist
+
+# %% ../nbs/06_vqvae.ipynb #1babc069
+VQVAE_STAGE_KEYS = ('data', 'classes', 'n_train', 'n_test', 'model', 'quantizer', 'steps', 'batch_size', 'lr', 'warmup',
+                    'flip', 'seed')  # the settings the trained model depends on (not the thresholds of the checks)
+
+def _stage_config(C: dict) -> dict:
+    "What the lesson's artifacts depend on: the training settings and, for CIFAR-10, where its images come from."
+    missing = [k for k in VQVAE_STAGE_KEYS if k not in C]
+    if missing: raise KeyError(f"the settings lack {missing}; start from VQVAE_SETTINGS")
+    cfg = {k: C[k] for k in VQVAE_STAGE_KEYS}
+    if C['data'] != 'shapes': cfg['npz'] = os.environ.get('VQLEARN_NPZ')
+    return cfg
+
+def vqvae_stage(C: dict, device=None, folder=None) -> Path:
+    "Path of the VQ-VAE checkpoint trained with settings `C`: from the cache, or made now by `train_vqvae(C, device)`."
+    def make(path):
+        model, hist = train_vqvae(C, device)
+        save_checkpoint(path, model, settings=_stage_config(C), history=hist)
+    return cached('vqvae', make, _stage_config(C), check=VQVAE.from_checkpoint, folder=folder)
 
 # %% ../nbs/06_vqvae.ipynb #7c4156fe
 @torch.no_grad()
 def extract_codes(model: VQVAE, data, batch_size: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Code maps and labels of all images in `data` (ArrayDataset, tensor of images, (images, labels) or a loader of
     (x, y) batches): codes (N, h, w) int64 and labels (N,) int64 (-1 where `data` has no labels), both on the CPU."""
-    from vqlearn.core import get_device
-    device = get_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training; model.to(device).eval()
+    device = get_device(device) if device is not None else model_device(model)
+    model.to(device)
     codes, labels = [], []
-    for x, y in _image_batches(data, batch_size, device):
-        codes.append(model.encode(x).cpu()); labels.append(y.cpu())
-    model.train(was_training)
-    if not codes: raise ValueError("no images to encode")
+    with eval_mode(model):
+        for x, y in image_batches(data, batch_size, device):
+            codes.append(model.encode(x).cpu()); labels.append(y.cpu())
+    if not codes: raise ValueError("no images to encode: `data` is empty")
     return torch.cat(codes).long(), torch.cat(labels).long()
 
-def _meta_str(v): return v if isinstance(v, str) else json.dumps(v)
+# %% ../nbs/06_vqvae.ipynb #10876aa1
+def _file_digest(path: str | os.PathLike) -> str:
+    "SHA-1 of a file's bytes."
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
-def save_codes(path: str | os.PathLike, codes: torch.Tensor, labels: torch.Tensor, **meta) -> Path:
-    "Save code maps (N, h, w) and labels (N,) with JSON-able `meta` (e.g. num_codes, classes) as safetensors, atomically."
-    if codes.ndim != 3: raise ValueError(f"codes must be (N, h, w), got shape {tuple(codes.shape)}")
-    if labels.ndim != 1 or len(labels) != len(codes):
-        raise ValueError(f"labels must be (N,) with N={len(codes)}, got shape {tuple(labels.shape)}")
-    path, metadata = Path(path), {k: json.dumps(v) for k, v in meta.items()}
-    _atomic_save({'codes': codes.detach().cpu().long().contiguous(), 'labels': labels.detach().cpu().long().contiguous()},
-                 path, metadata)
-    return path
-
-def load_codes(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    "Code maps (N, h, w) int64, labels (N,) int64 and the metadata dict saved by `save_codes`."
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return f.get_tensor('codes'), f.get_tensor('labels'), meta
+def codes_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path:
+    "Path of the code file of the `split` ('train' or 'test') images of settings `C`, encoded by `vqvae_stage(C)`'s model."
+    if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    def check(path):
+        if load_codes(path).meta.get('vqvae_sha1') != _file_digest(vqvae_stage(C, device, folder)):
+            raise ValueError(f"{path} holds the codes of another VQ-VAE checkpoint")
+    def make(path):
+        ckpt = vqvae_stage(C, device, folder)
+        model = VQVAE.from_checkpoint(ckpt, device=device)
+        train, test = vqvae_data(C)
+        data = train if split == 'train' else test
+        codes, labels = extract_codes(model, data)
+        save_codes(path, {'codes': codes}, labels, {'codes': model.num_codes}, split=split, classes=data.classes,
+                   code_shape=list(codes.shape[1:]), vqvae=ckpt.name, vqvae_sha1=_file_digest(ckpt), model=model.config)
+    return cached(f'vqvae-codes-{split}', make, _stage_config(C), check=check, folder=folder)
