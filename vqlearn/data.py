@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader
-from .core import get_device, save_tensors, load_tensors
+from .core import Settings, get_device, save_tensors, load_tensors
 
 # %% auto #0
 __all__ = ['SHAPES', 'CIFAR10_CLASSES', 'STL10_CLASSES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'CODES_FORMAT',
            'ArrayDataset', 'make_shapes', 'data_root', 'check_classes', 'select_classes', 'resize_images', 'load_npz',
            'load_folder', 'load_cifar10', 'load_stl10', 'download_kaokore', 'KaoKore', 'get_dataset', 'split_dataset',
            'epoch_generator', 'DeviceLoader', 'get_loader', 'loader_throughput', 'image_batches', 'CodeMaps',
-           'save_codes', 'load_codes']
+           'save_codes', 'load_codes', 'lesson_data', 'stage_settings']
 
 # %% ../nbs/01_data.ipynb #651dee88
 def _is_integer(t: torch.Tensor) -> bool:
@@ -527,3 +527,25 @@ def load_codes(path: str | os.PathLike) -> CodeMaps:
     problem = _codes_problem(maps, labels, num_codes)
     if problem: raise ValueError(f"{path} is not a valid code file: {problem}")
     return CodeMaps(maps, labels, dict(num_codes), {k: v for k, v in meta.items() if k not in ('format', 'maps', 'num_codes')})
+
+# %% ../nbs/01_data.ipynb #78bf8e9a
+def lesson_data(C: dict) -> tuple[ArrayDataset, ArrayDataset]:
+    "(train, test) images of a lesson's settings `C` (data, classes, n_train, n_test, seed, size); real images from `$VQLEARN_NPZ` if set."
+    C = Settings(C)
+    size, classes, seed = C.get('size'), C.get('classes'), C.get('seed', 0)
+    if C.data == 'shapes':
+        return (get_dataset('shapes', n=C.n_train, seed=seed, size=size, classes=classes),
+                get_dataset('shapes', train=False, n=C.n_test, seed=seed, size=size, classes=classes))
+    npz = os.environ.get('VQLEARN_NPZ')
+    if npz: train, test = split_dataset(get_dataset('npz', root=npz, classes=classes, size=size), valid_frac=0.1, seed=seed)
+    else: train, test = (get_dataset(C.data, train=t, classes=classes, size=size) for t in (True, False))
+    take = lambda ds, n: ds if n is None or n >= len(ds) else ds.subset(torch.arange(n))
+    return take(train, C.get('n_train')), take(test, C.get('n_test'))
+
+def stage_settings(C: dict, keys: tuple[str, ...], start_from: str = 'the lesson settings') -> dict:
+    "The part of settings `C` an artifact depends on: `keys`, plus the `.npz` the real images came from."
+    missing = [k for k in keys if k not in C]
+    if missing: raise KeyError(f"the settings lack {missing}; start from {start_from}")
+    cfg = {k: C[k] for k in keys}
+    if C.get('data') != 'shapes': cfg['npz'] = os.environ.get('VQLEARN_NPZ')
+    return cfg
