@@ -44,7 +44,6 @@ def bench_one(model, dev, B, S, repeats, naive_steps, check):
         dt, naive_codes = time_it(lambda: sample_naive(model, u, max_steps=steps), dev)
         t_naive.append(dt * n_pos / steps)
         if check and r == 0:
-            i, j = divmod(steps, S)                         # positions the naive run filled: the first `steps`
             same = torch.equal(fast_codes.flatten(1)[:, :steps], naive_codes.flatten(1)[:, :steps])
     return statistics.median(t_naive), statistics.median(t_fast), steps, same
 
@@ -54,7 +53,7 @@ def main(argv=None):
     p.add_argument('--sizes', type=int, nargs='+', default=[8, 32], help='map sizes S (S x S maps)')
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--codes', type=int, default=512, help='num_codes K')
-    p.add_argument('--dim', type=int, default=64)
+    p.add_argument('--width', type=int, default=64, help='channels of every gated layer')
     p.add_argument('--layers', type=int, default=15)
     p.add_argument('--repeats', type=int, default=3, help='timed repeats; medians are reported')
     p.add_argument('--naive-steps', type=int, default=64,
@@ -63,19 +62,19 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: leave as is)')
     p.add_argument('--dtype', choices=['float32', 'float64'], default='float32')
     p.add_argument('--no-check', action='store_true', help='skip the fast == naive check')
-    p.add_argument('--quick', action='store_true', help='short run: batch 8, dim 32, 5 layers, K 64, sizes 8 16, 1 repeat')
+    p.add_argument('--quick', action='store_true', help='short run: batch 8, width 32, 5 layers, K 64, sizes 8 16, 1 repeat')
     a = p.parse_args(argv)
-    if a.quick: a.batch, a.dim, a.layers, a.codes, a.sizes, a.repeats = 8, 32, 5, 64, [8, 16], 1
+    if a.quick: a.batch, a.width, a.layers, a.codes, a.sizes, a.repeats = 8, 32, 5, 64, [8, 16], 1
     if a.threads: torch.set_num_threads(a.threads)
     devices = a.devices or (['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
     naive_steps = a.naive_steps or None
-    print(f"# Gated PixelCNN sampling speed: K={a.codes}, dim={a.dim}, layers={a.layers}, batch={a.batch}, "
+    print(f"# Gated PixelCNN sampling speed: K={a.codes}, width={a.width}, layers={a.layers}, batch={a.batch}, "
           f"{a.dtype}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {a.repeats}")
     rows = []
     for d in devices:
         dev = torch.device(d)
         torch.manual_seed(0)
-        model = GatedPixelCNN(a.codes, dim=a.dim, n_layers=a.layers).to(dev, getattr(torch, a.dtype)).eval()
+        model = GatedPixelCNN(a.codes, width=a.width, n_layers=a.layers).to(dev, getattr(torch, a.dtype)).eval()
         name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
         for S in a.sizes:
             tn, tf, steps, same = bench_one(model, dev, a.batch, S, a.repeats, naive_steps, not a.no_check)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from vqlearn.pixelcnn import (make_mask, MaskedConv2d, GatedPixelCNN, dependency_maps, pick_codes, draw_uniforms,
-                              sample_fast, sample_naive, RasterMarkovSource, CodeLoader, evaluate_nll, prior_step)
+from vqlearn.pixelcnn import (make_mask, MaskedConv2d, GatedLayer, GatedPixelCNN, dependency_maps, pick_codes,
+                              draw_uniforms, sample_fast, sample_naive, RasterMarkovSource)
 
 
 @pytest.fixture(autouse=True)
@@ -12,6 +12,13 @@ def _one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _as_if_trained(net):
+    "Random class embeddings, as a trained model has them (a new model's are zero, so its labels do nothing yet)."
+    for layer in net.layers:
+        if layer.class_embed is not None: torch.nn.init.normal_(layer.class_embed.weight)
+    return net
 
 
 def earlier(S):
@@ -44,7 +51,7 @@ def test_gated_receptive_field_exact(L, k):
     "Every output sees exactly the earlier positions in its predicted field (no blind spot), with conditioning on."
     torch.manual_seed(L)
     S, n = 9, k // 2
-    net = GatedPixelCNN(3, dim=4, n_layers=L, n_classes=2, cond_channels=1, kernel_size=k).double()
+    net = _as_if_trained(GatedPixelCNN(3, width=4, n_layers=L, n_classes=2, cond_channels=1, kernel_size=k).double())
     lab, cond = torch.tensor([1]).repeat(S * S), torch.randn(S * S, 1, S, S, dtype=torch.float64)
     dep = dependency_maps(lambda z: net.features(z, lab, cond), torch.randn(1, 4, S, S, dtype=torch.float64))
     i, j, r, c = torch.meshgrid(*[torch.arange(S)] * 4, indexing='ij')
@@ -55,7 +62,7 @@ def test_gated_receptive_field_exact(L, k):
 
 def test_changing_a_code_moves_only_later_logits():
     torch.manual_seed(0)
-    net = GatedPixelCNN(6, dim=8, n_layers=3).double()
+    net = GatedPixelCNN(6, width=8, n_layers=3).double()
     codes = torch.randint(0, 6, (1, 5, 5))
     out = net(codes)
     for t in range(25):
@@ -67,7 +74,7 @@ def test_changing_a_code_moves_only_later_logits():
 
 
 def test_forward_shapes_and_bad_input():
-    net = GatedPixelCNN(5, dim=8, n_layers=2, n_classes=3, cond_channels=2)
+    net = GatedPixelCNN(5, width=8, n_layers=2, n_classes=3, cond_channels=2)
     codes, lab, cond = torch.randint(0, 5, (2, 4, 6)), torch.tensor([0, 2]), torch.randn(2, 2, 4, 6)
     assert net(codes, lab, cond).shape == (2, 5, 4, 6)
     assert net(codes, 1, cond).shape == (2, 5, 4, 6)                    # one int label for the batch
@@ -81,7 +88,7 @@ def test_forward_shapes_and_bad_input():
     with pytest.raises(ValueError): net(codes, lab, None)
     with pytest.raises(ValueError): net(codes, lab, torch.randn(2, 3, 4, 6))
     with pytest.raises(ValueError): net(codes, lab, torch.randn(2, 2, 3, 6))   # 3 does not divide 4
-    plain = GatedPixelCNN(5, dim=8, n_layers=2)
+    plain = GatedPixelCNN(5, width=8, n_layers=2)
     with pytest.raises(ValueError): plain(codes, lab)
     with pytest.raises(ValueError): plain(codes, cond=cond)
     for bad in [dict(num_codes=1), dict(n_layers=0), dict(kernel_size=4)]:
@@ -91,7 +98,7 @@ def test_forward_shapes_and_bad_input():
 @pytest.mark.parametrize("kw", [dict(), dict(n_classes=3), dict(cond_channels=2, kernel_size=5)])
 def test_fast_equals_naive(kw):
     torch.manual_seed(1)
-    net = GatedPixelCNN(9, dim=8, n_layers=3, **kw).double()
+    net = _as_if_trained(GatedPixelCNN(9, width=8, n_layers=3, **kw).double())
     lab = torch.tensor([2, 0, 1]) if 'n_classes' in kw else None
     cond = torch.randn(3, 2, 5, 4, dtype=torch.float64) if 'cond_channels' in kw else None
     for T, k in [(1.0, None), (1.5, 4), (0.3, None)]:
@@ -103,7 +110,7 @@ def test_fast_equals_naive(kw):
 
 def test_top1_is_greedy_and_sampler_keeps_training_mode():
     torch.manual_seed(2)
-    net = GatedPixelCNN(7, dim=8, n_layers=2).double().train()
+    net = GatedPixelCNN(7, width=8, n_layers=2).double().train()
     s = net.sample((2, 4, 4), top_k=1, generator=torch.Generator().manual_seed(0))
     assert net.training
     greedy = torch.zeros(2, 4, 4, dtype=torch.long)
@@ -117,8 +124,8 @@ def test_top1_is_greedy_and_sampler_keeps_training_mode():
 
 
 def test_sample_bad_arguments_and_seeds():
-    net = GatedPixelCNN(4, dim=8, n_layers=2, n_classes=2)
-    for bad in [dict(temperature=0), dict(temperature=-1), dict(top_k=0), dict(method="slow"), dict(shape=(2, 3)),
+    net = GatedPixelCNN(4, width=8, n_layers=2, n_classes=2)
+    for bad in [dict(temperature=-1), dict(temperature=math.nan), dict(temperature=math.inf), dict(top_k=0), dict(method="slow"), dict(shape=(2, 3)),
                 dict(shape=(0, 3, 3)), dict(labels=None), dict(labels=torch.tensor([0, 5]))]:
         with pytest.raises(ValueError): net.sample(**{'shape': (2, 3, 3), 'labels': torch.tensor([0, 1]), **bad})
     s1 = net.sample((2, 3, 3), torch.tensor([0, 1]), generator=torch.Generator().manual_seed(5))
@@ -157,27 +164,169 @@ def test_true_model_scores_the_entropy():
     assert abs(nll - src.entropy_per_code) < 0.01
 
 
-def test_code_loader_and_evaluate_nll():
-    codes, labels = torch.randint(0, 5, (10, 3, 3)), torch.arange(10)
-    dl = CodeLoader(codes, labels, batch_size=4, seed=1, device='cpu')
-    assert len(dl) == 2 and len(CodeLoader(codes, batch_size=4, drop_last=False, device='cpu')) == 3
-    batches = list(dl)
-    for c, l in batches: assert c.shape == (4, 3, 3) and torch.equal(c, codes[l])   # labels travel with their maps
-    assert not torch.equal(torch.cat([l for _, l in batches]), torch.cat([l for _, l in list(dl)]))  # reshuffled per epoch
-    assert list(CodeLoader(codes, batch_size=4, device='cpu'))[0][1] is None
-    with pytest.raises(ValueError): CodeLoader(codes.float())
-    with pytest.raises(ValueError): CodeLoader(codes, labels[:3])
-    net = GatedPixelCNN(5, dim=8, n_layers=2)
-    assert math.isclose(evaluate_nll(net, codes, batch_size=3), float(net.nll(codes).detach()), rel_tol=1e-5)
-    assert math.isclose(float(prior_step(net, (codes, labels))['loss'].detach()), float(net.nll(codes).detach()), rel_tol=1e-6)
+def test_fast_equals_naive_float32_fixed_seed():
+    "In float32 the two samplers add in different orders; for this seed no draw lands on a CDF step, so codes agree."
+    torch.manual_seed(4)
+    net = _as_if_trained(GatedPixelCNN(16, width=16, n_layers=4, n_classes=4))
+    lab = torch.arange(8) % 4
+    a = net.sample((8, 10, 10), lab, generator=torch.Generator().manual_seed(0), method="naive")
+    b = net.sample((8, 10, 10), lab, generator=torch.Generator().manual_seed(0), method="fast")
+    assert torch.equal(a, b)
+    assert not torch.equal(b, net.sample((8, 10, 10), lab, generator=torch.Generator().manual_seed(1)))
 
-def test_code_loader_epochs_replay_and_resume():
-    "CodeLoader's epochs are fixed by (seed, epoch) like DeviceLoader's, and can start at any batch (fit resumes there)."
-    from vqlearn.pixelcnn import CodeLoader
-    codes, labels = torch.randint(0, 7, (50, 4, 4)), torch.arange(50)
-    dl = CodeLoader(codes, labels, batch_size=8, seed=3)
-    e0 = [y for _, y in dl]; e1 = [y for _, y in dl]
-    assert dl.epoch == 2 and not all(torch.equal(a, b) for a, b in zip(e0, e1))
-    assert all(torch.equal(a, y) for a, (_, y) in zip(e0, CodeLoader(codes, labels, 8, seed=3).iter_epoch(0)))
-    assert torch.equal(next(dl.iter_epoch(1, start=2))[1], e1[2])
-    assert sorted(torch.cat(e0).tolist()) == sorted(torch.cat(e0).unique().tolist())  # no repeats within an epoch
+
+def _greedy(net, shape, labels=None, cond=None):
+    "Argmax decoding by hand, one full forward pass per position."
+    B, H, W = shape
+    out = torch.zeros(B, H, W, dtype=torch.long)
+    for t in range(H * W):
+        i, j = divmod(t, W)
+        out[:, i, j] = net(out, labels, cond)[:, :, i, j].argmax(1)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_classes=3, cond_channels=2, kernel_size=5)])
+def test_temperature_zero_is_argmax_in_both_samplers(kw):
+    "Temperature 0 means argmax (it used to raise): identical codes from naive and fast, equal to greedy decoding."
+    torch.manual_seed(6)
+    net = _as_if_trained(GatedPixelCNN(9, width=8, n_layers=3, **kw).double())
+    lab = torch.tensor([2, 0, 1]) if 'n_classes' in kw else None
+    cond = torch.randn(3, 2, 5, 4, dtype=torch.float64) if 'cond_channels' in kw else None
+    a = net.sample((3, 5, 4), lab, cond, 0, torch.Generator().manual_seed(3), "naive")
+    b = net.sample((3, 5, 4), lab, cond, 0.0, torch.Generator().manual_seed(4), "fast", top_k=2)  # no randomness left
+    assert torch.equal(a, b) and torch.equal(a, _greedy(net, (3, 5, 4), lab, cond))
+    logits = torch.tensor([[0.1, 3.0, -2.0], [5.0, 4.0, 4.5]])
+    assert pick_codes(logits, torch.tensor([0.0, 0.99]), temperature=0).tolist() == [1, 0]
+    tiny = pick_codes(logits, torch.tensor([0.99, 0.99]), temperature=1e-300)   # the limit, without overflow to NaN
+    assert tiny.tolist() == [1, 0]
+
+
+def _broken(net, where="head"):
+    "Poison the model so that its logits become NaN (a diverged training run)."
+    with torch.no_grad():
+        if where == "head": net.head[3].bias[2] = math.nan
+        else: net.head[3].bias[0] = math.inf
+    return net
+
+
+@pytest.mark.parametrize("method", ["fast", "naive"])
+@pytest.mark.parametrize("where", ["head", "inf"])
+def test_nonfinite_logits_raise(method, where):
+    "NaN or inf logits used to be sampled as code K-1 without a word: now a clear ValueError."
+    torch.manual_seed(0)
+    net = _broken(GatedPixelCNN(5, width=8, n_layers=2), where)
+    for T in (1.0, 0.0):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            net.sample((2, 3, 3), temperature=T, generator=torch.Generator().manual_seed(0), method=method)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        (sample_fast if method == "fast" else sample_naive)(net, draw_uniforms((2, 3, 3), torch.Generator().manual_seed(0)))
+
+
+def test_pick_codes_rejects_nonfinite_and_bad_input():
+    u = torch.tensor([0.3, 0.9])
+    for bad in (math.nan, math.inf, -math.inf):
+        logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, bad, 1.0]])
+        with pytest.raises(ValueError, match="NaN or inf"): pick_codes(logits, u)
+        with pytest.raises(ValueError, match="NaN or inf"): pick_codes(logits, u, temperature=0)
+    with pytest.raises(TypeError, match="float"): pick_codes(torch.tensor([[0, 1], [1, 0]]), u)
+    with pytest.raises(ValueError, match=r"\(2,\)"): pick_codes(torch.zeros(2, 3), torch.zeros(3))
+
+
+def test_empty_batches_and_wrong_dtypes_get_clear_messages():
+    net = GatedPixelCNN(5, width=8, n_layers=2, n_classes=2, cond_channels=1)
+    empty, lab, cond = torch.zeros(0, 4, 4, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 4, 4)
+    with pytest.raises(ValueError, match="empty"): net(empty, lab, cond)
+    with pytest.raises(ValueError, match="empty"): GatedPixelCNN(5, width=8, n_layers=2)(empty)
+    with pytest.raises(ValueError, match="empty"): net.nll(empty, lab, cond)
+    with pytest.raises(ValueError, match="B = 0"): net.sample((0, 4, 4), lab, cond)
+    with pytest.raises(ValueError, match="empty"): sample_fast(net, torch.rand(0, 4, 4, dtype=torch.float64), lab, cond)
+    with pytest.raises(ValueError, match="empty"): sample_naive(net, torch.rand(0, 4, 4, dtype=torch.float64), lab, cond)
+    codes, lab, cond = torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0, 1]), torch.zeros(2, 1, 4, 4)
+    with pytest.raises(TypeError, match="integers"): net(codes, lab.float(), cond)
+    with pytest.raises(TypeError, match="integers"): net(codes, lab.bool(), cond)
+    with pytest.raises(TypeError, match="float"): net(codes, lab, cond.long())
+    with pytest.raises(TypeError, match="integer tensor"): net(codes.float(), lab, cond)
+    with pytest.raises(TypeError, match="float tensor"): sample_fast(net, torch.zeros(2, 4, 4, dtype=torch.long), lab, cond)
+    with pytest.raises(TypeError, match="float tensor"): sample_naive(net, torch.rand(4, 4), lab, cond)
+    assert net.double()(codes, lab, cond).dtype == torch.float64          # a float32 cond follows a float64 model
+
+
+def test_class_embeddings_start_at_zero():
+    "A new conditional model starts as an unconditional one: its labels change nothing until it is trained."
+    torch.manual_seed(0)
+    net = GatedPixelCNN(5, width=8, n_layers=3, n_classes=4)
+    assert all(not layer.class_embed.weight.any() for layer in net.layers)
+    codes = torch.randint(0, 5, (2, 4, 4))
+    assert torch.equal(net(codes, torch.tensor([0, 1])), net(codes, torch.tensor([3, 2])))
+    _as_if_trained(net)
+    assert (net(codes, torch.tensor([0, 1])) - net(codes, torch.tensor([3, 2]))).abs().min() > 0
+
+
+def test_names_explain_themselves_and_width():
+    layer = GatedLayer(8, kernel_size=5, mask_type="A", n_classes=3, cond_channels=2)
+    names = {n.split('.')[0] for n, _ in layer.named_parameters()}
+    assert names == {'conv_vert', 'conv_horiz', 'vert_to_horiz', 'horiz_out', 'class_embed', 'cond_conv'}
+    assert layer.horiz_kernel == 2 and layer.reach == 2 and layer.width == 8
+    net = GatedPixelCNN(11, width=12, n_layers=2)
+    assert net.width == 12 and net.code_embed.weight.shape == (11, 12) and not hasattr(net, 'dim')
+    with pytest.raises(TypeError): GatedPixelCNN(11, dim=12)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    "GatedPixelCNN is Checkpointable: from_checkpoint rebuilds it from its config alone, with the same outputs."
+    torch.manual_seed(0)
+    net = _as_if_trained(GatedPixelCNN(6, width=8, n_layers=3, n_classes=2, cond_channels=1, kernel_size=5))
+    codes, lab, cond = torch.randint(0, 6, (2, 4, 4)), torch.tensor([1, 0]), torch.randn(2, 1, 2, 2)
+    net.save(tmp_path / 'p.safetensors', note='test')
+    back = GatedPixelCNN.from_checkpoint(tmp_path / 'p.safetensors', device='cpu')
+    assert back.config == net.config == dict(num_codes=6, width=8, n_layers=3, n_classes=2, cond_channels=1, kernel_size=5)
+    assert not back.training and torch.equal(back(codes, lab, cond), net.eval()(codes, lab, cond))
+    g = lambda: torch.Generator().manual_seed(2)
+    assert torch.equal(back.sample((2, 4, 4), lab, cond, generator=g()), net.sample((2, 4, 4), lab, cond, generator=g()))
+    other = GatedPixelCNN(6, width=8, n_layers=2)
+    other.save(tmp_path / 'q.safetensors')
+    assert GatedPixelCNN.from_checkpoint(tmp_path / 'q.safetensors').n_layers == 2
+    (tmp_path / 'bad.safetensors').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='bad.safetensors'): GatedPixelCNN.from_checkpoint(tmp_path / 'bad.safetensors')
+
+
+def _separating_prior(K=6, n_classes=3, seed=2):
+    "A prior whose label dominates: class y puts most of its mass on code y (about 75% of draws), context does the rest."
+    torch.manual_seed(seed)
+    net = GatedPixelCNN(K, width=8, n_layers=2, n_classes=n_classes).double()
+    d, last = net.width, net.layers[-1]
+    with torch.no_grad():
+        emb = last.class_embed.weight                                  # (n_classes, 4d): [vertical 2d | horizontal 2d]
+        emb.zero_(); emb[:, 3 * d:] = 10.0                             # the last horizontal gates wide open ...
+        emb[:, 2 * d:3 * d] = -10.0
+        for y in range(n_classes): emb[y, 2 * d + y] = 10.0            # ... +1 on channel y only, -1 elsewhere
+        last.horiz_out.weight[:, :, 0, 0] = 3 * torch.eye(d); last.horiz_out.bias.zero_()
+        net.head[1].weight[:, :, 0, 0] = torch.eye(d); net.head[1].bias.zero_()
+        net.head[3].weight[:, :, 0, 0] += torch.eye(K, d)              # channel y -> logit y
+    return net.eval()
+
+
+def _reference_sample(net, u, labels):
+    "Inverse-CDF sampling straight from the definition, one full forward pass per position, per row's own label."
+    B, H, W = u.shape
+    out = torch.zeros(B, H, W, dtype=torch.long)
+    for t in range(H * W):
+        i, j = divmod(t, W)
+        p = net(out, labels)[:, :, i, j].softmax(1).cumsum(1)           # (B, K)
+        out[:, i, j] = (p <= u[:, i, j, None] * p[:, -1:]).sum(1).clamp(max=net.num_codes - 1)
+    return out
+
+
+@pytest.mark.parametrize("method", ["fast", "naive"])
+def test_samples_follow_each_rows_label(method):
+    "Catches 'sample labels forced to class 0': label-1 rows match a per-class reference and differ from label 0."
+    net = _separating_prior()
+    lab = torch.tensor([0, 1, 2, 1, 0, 2])
+    s = net.sample((6, 4, 5), lab, generator=torch.Generator().manual_seed(1), method=method)
+    u = draw_uniforms((6, 4, 5), torch.Generator().manual_seed(1))
+    assert torch.equal(s, _reference_sample(net, u, lab))
+    assert (s == lab[:, None, None]).float().mean() > 0.5                # class y mostly draws code y (chance: 1/6)
+    for y in range(3):                                                 # the same uniforms, every row given label y
+        only_y = net.sample((6, 4, 5), torch.full((6,), y), generator=torch.Generator().manual_seed(1), method=method)
+        assert torch.equal(s[lab == y], only_y[lab == y])
+        assert (s[lab != y] != only_y[lab != y]).float().mean() > 0.5  # another label gives other maps

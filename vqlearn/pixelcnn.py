@@ -4,16 +4,16 @@
 
 # %% ../nbs/07_pixelcnn.ipynb #9c62d96b
 from __future__ import annotations
-import math, time
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .data import epoch_generator
+from .core import Checkpointable, eval_mode, model_device
+from .metrics import entropy
 
 # %% auto #0
 __all__ = ['make_mask', 'MaskedConv2d', 'dependency_maps', 'gate', 'shift_down', 'GatedLayer', 'GatedPixelCNN', 'draw_uniforms',
-           'pick_codes', 'sample_naive', 'sample_fast', 'RasterMarkovSource', 'CodeLoader', 'prior_step',
-           'evaluate_nll']
+           'pick_codes', 'sample_naive', 'sample_fast', 'RasterMarkovSource']
 
 # %% ../nbs/07_pixelcnn.ipynb #3724da8c
 def make_mask(kernel_size: int, mask_type: str = "B") -> torch.Tensor:
@@ -60,71 +60,82 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
     "Shift a (B, C, H, W) map down by one row, zeros entering at the top: row i then holds what row i-1 held."
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
-
+# %% ../nbs/07_pixelcnn.ipynb #99b6068b
 class GatedLayer(nn.Module):
-    "One gated PixelCNN layer: a vertical and a horizontal stack; mask type 'A' (first layer) or 'B'."
-    def __init__(self, dim: int, kernel_size: int = 3, mask_type: str = "B", n_classes: int | None = None,
+    "One gated PixelCNN layer of `width` channels: a vertical and a horizontal stack; mask type 'A' (first layer) or 'B'."
+    def __init__(self, width: int, kernel_size: int = 3, mask_type: str = "B", n_classes: int | None = None,
                  cond_channels: int | None = None):
         super().__init__()
         if mask_type not in ("A", "B"): raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
-        self.dim, self.n, self.mask_type = dim, kernel_size // 2, mask_type
-        n = self.n
-        self.hk = n + (mask_type == "B")                           # horizontal kernel width
-        self.vconv = nn.Conv2d(dim, 2 * dim, (n + 1, kernel_size)) # rows i-n..i, columns j-n..j+n
-        self.hconv = nn.Conv2d(dim, 2 * dim, (1, self.hk))         # columns j-n..j-1 (A) or j-n..j (B)
-        self.v2h = nn.Conv2d(2 * dim, 2 * dim, 1)                  # vertical -> horizontal, after the shift down
-        self.h2h = nn.Conv2d(dim, dim, 1)
-        self.cls = nn.Embedding(n_classes, 4 * dim) if n_classes else None                      # class bias, both stacks
-        self.cnd = nn.Conv2d(cond_channels, 4 * dim, 1, bias=False) if cond_channels else None  # spatial bias, both stacks
+        self.width, self.reach, self.mask_type = width, kernel_size // 2, mask_type   # reach n: columns j-n..j+n
+        n, d = self.reach, width
+        self.horiz_kernel = n + (mask_type == "B")                    # columns j-n..j-1 (A) or j-n..j (B)
+        self.conv_vert = nn.Conv2d(d, 2 * d, (n + 1, kernel_size))    # rows i-n..i, columns j-n..j+n
+        self.conv_horiz = nn.Conv2d(d, 2 * d, (1, self.horiz_kernel))  # the current row, left of (or up to) column j
+        self.vert_to_horiz = nn.Conv2d(2 * d, 2 * d, 1)               # vertical -> horizontal, after the shift down
+        self.horiz_out = nn.Conv2d(d, d, 1)                           # the horizontal stack's output (before the residual)
+        self.class_embed = nn.Embedding(n_classes, 4 * d) if n_classes else None                      # class bias
+        if n_classes: nn.init.zeros_(self.class_embed.weight)  # start as an unconditional layer (see the prior lesson)
+        self.cond_conv = nn.Conv2d(cond_channels, 4 * d, 1, bias=False) if cond_channels else None  # spatial bias
 
     def cond_bias(self, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor | None:
-        "What the condition adds to the gates: (B, 4*dim, 1, 1) for labels, (B, 4*dim, H, W) with a map, or None."
+        "What the condition adds to the gates of both stacks: (B, 4*width, 1, 1) for labels, (B, 4*width, H, W) with a map, or None."
         c = None
-        if self.cls is not None: c = self.cls(labels)[:, :, None, None]   # (B, 4d, 1, 1)
-        if self.cnd is not None:
-            s = self.cnd(cond)                                            # (B, 4d, H, W)
+        if self.class_embed is not None: c = self.class_embed(labels)[:, :, None, None]   # (B, 4d, 1, 1)
+        if self.cond_conv is not None:
+            s = self.cond_conv(cond)                                                      # (B, 4d, H, W)
             c = s if c is None else c + s
         return c
 
+    def vertical(self, v: torch.Tensor) -> torch.Tensor:
+        "The vertical stack's pre-activations (B, 2*width, H, W) from its input v (B, width, H, W): row i sees rows <= i."
+        n = self.reach
+        return self.conv_vert(F.pad(v, (n, n, n, 0)))
+
+    def horizontal(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        "The new horizontal stack (B, width, H, W) from its input h and what the vertical stack and condition add, `bias` (B, 2*width, H, W)."
+        h_pre = self.conv_horiz(F.pad(h, (self.reach, 0)))[..., :h.shape[-1]] + bias   # (B, 2d, H, W)
+        h_out = self.horiz_out(gate(h_pre))                                            # (B, d, H, W)
+        return h_out + h if self.mask_type == "B" else h_out                           # residual, except in layer A
+
     def forward(self, v: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None):
-        "v, h: (B, dim, H, W) inputs of the two stacks; c: the condition bias or None. Returns the new (v, h)."
-        n, d, W = self.n, self.dim, h.shape[-1]
-        v_pre = self.vconv(F.pad(v, (n, n, n, 0)))                        # (B, 2d, H, W): rows <= i
-        h_pre = self.hconv(F.pad(h, (n, 0)))[..., :W] + self.v2h(shift_down(v_pre))  # (B, 2d, H, W)
-        if c is not None:
-            v_pre = v_pre + c[:, :2 * d]
-            h_pre = h_pre + c[:, 2 * d:]
-        v_out = gate(v_pre)                                               # (B, d, H, W)
-        h_out = self.h2h(gate(h_pre))                                     # (B, d, H, W)
-        if self.mask_type == "B": h_out = h_out + h                       # residual
-        return v_out, h_out
+        "v, h: (B, width, H, W) inputs of the two stacks; c: the condition bias or None. Returns the new (v, h)."
+        d = self.width
+        v_pre = self.vertical(v)                                      # (B, 2d, H, W): rows <= i
+        h_bias = self.vert_to_horiz(shift_down(v_pre))                # (B, 2d, H, W): rows < i only
+        if c is not None: v_pre, h_bias = v_pre + c[:, :2 * d], h_bias + c[:, 2 * d:]
+        return gate(v_pre), self.horizontal(h, h_bias)
 
 # %% ../nbs/07_pixelcnn.ipynb #70e2e674
-class GatedPixelCNN(nn.Module):
-    "A Gated PixelCNN over (B, H, W) maps of `num_codes` categories; optional class labels and/or a spatial condition map."
-    def __init__(self, num_codes: int, dim: int = 64, n_layers: int = 15, n_classes: int | None = None,
+class GatedPixelCNN(Checkpointable, nn.Module):
+    "A Gated PixelCNN over (B, H, W) maps of `num_codes` categories, `width` channels; optional class labels and/or a spatial condition map."
+    def __init__(self, num_codes: int, width: int = 64, n_layers: int = 15, n_classes: int | None = None,
                  cond_channels: int | None = None, kernel_size: int = 3):
         super().__init__()
         if num_codes < 2: raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+        if width < 1: raise ValueError(f"width must be >= 1, got {width}")
         if n_layers < 1: raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if kernel_size < 3 or kernel_size % 2 != 1: raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
-        self.num_codes, self.dim, self.n_layers = num_codes, dim, n_layers
+        self.config = dict(num_codes=num_codes, width=width, n_layers=n_layers, n_classes=n_classes,
+                           cond_channels=cond_channels, kernel_size=kernel_size)   # for save / from_checkpoint
+        self.num_codes, self.width, self.n_layers = num_codes, width, n_layers
         self.n_classes, self.cond_channels, self.kernel_size = n_classes, cond_channels, kernel_size
-        self.emb = nn.Embedding(num_codes, dim)
-        self.layers = nn.ModuleList([GatedLayer(dim, kernel_size, "A" if l == 0 else "B", n_classes, cond_channels)
+        self.code_embed = nn.Embedding(num_codes, width)
+        self.layers = nn.ModuleList([GatedLayer(width, kernel_size, "A" if l == 0 else "B", n_classes, cond_channels)
                                      for l in range(n_layers)])
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, num_codes, 1))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
     def check_condition(self, B: int, H: int, W: int, labels=None, cond=None):
         "Validate labels (B,) and cond (B, cond_channels, H', W'); a smaller cond map is upsampled (nearest) to (H, W)."
-        dev = self.emb.weight.device
+        dev = self.code_embed.weight.device
         if self.n_classes:
             if labels is None: raise ValueError(f"the model is class-conditional (n_classes={self.n_classes}): pass labels of shape ({B},)")
             labels = torch.as_tensor(labels, device=dev)
+            if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+                raise TypeError(f"labels must be integers (int64); got {labels.dtype}")
             if labels.ndim == 0: labels = labels.expand(B)
             if labels.shape != (B,): raise ValueError(f"labels must have shape ({B},); got {tuple(labels.shape)}")
-            if labels.dtype.is_floating_point: raise TypeError(f"labels must be integers; got {labels.dtype}")
-            if labels.min() < 0 or labels.max() >= self.n_classes:
+            if B and (labels.min() < 0 or labels.max() >= self.n_classes):
                 raise ValueError(f"labels must lie in [0, {self.n_classes}); got range [{int(labels.min())}, {int(labels.max())}]")
             labels = labels.long()
         elif labels is not None: raise ValueError("labels were given but the model has n_classes=None")
@@ -132,22 +143,23 @@ class GatedPixelCNN(nn.Module):
             if cond is None: raise ValueError(f"the model is spatially conditioned: pass cond of shape ({B}, {self.cond_channels}, H', W')")
             if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or tuple(cond.shape[:2]) != (B, self.cond_channels):
                 raise ValueError(f"cond must have shape ({B}, {self.cond_channels}, H', W'); got {tuple(getattr(cond, 'shape', ()))}")
+            if not cond.is_floating_point(): raise TypeError(f"cond must be a float tensor; got {cond.dtype}")
             if tuple(cond.shape[-2:]) != (H, W):
                 if H % cond.shape[-2] or W % cond.shape[-1]:
                     raise ValueError(f"cond size {tuple(cond.shape[-2:])} must divide the map size {(H, W)}")
-                cond = F.interpolate(cond.float(), size=(H, W), mode='nearest')
-            cond = cond.to(dev, self.emb.weight.dtype)
+                cond = F.interpolate(cond, size=(H, W), mode='nearest')
+            cond = cond.to(dev, self.code_embed.weight.dtype)
         elif cond is not None: raise ValueError("cond was given but the model has cond_channels=None")
         return labels, cond
 
     def features(self, x: torch.Tensor, labels=None, cond=None) -> torch.Tensor:
-        "The last horizontal stack (B, dim, H, W) from an already embedded map x (B, dim, H, W); labels/cond already checked."
+        "The last horizontal stack (B, width, H, W) from an already embedded map x (B, width, H, W); labels/cond already checked."
         v = h = x
         for layer in self.layers: v, h = layer(v, h, layer.cond_bias(labels, cond))
         return h
 
     def forward_embedded(self, x: torch.Tensor, labels=None, cond=None) -> torch.Tensor:
-        "Logits (B, K, H, W) from an already embedded map x (B, dim, H, W); labels/cond already checked."
+        "Logits (B, K, H, W) from an already embedded map x (B, width, H, W); labels/cond already checked."
         return self.head(self.features(x, labels, cond))                  # the head is 1x1: per position
 
     def forward(self, codes: torch.Tensor, labels=None, cond=None) -> torch.Tensor:
@@ -155,10 +167,11 @@ class GatedPixelCNN(nn.Module):
         if not isinstance(codes, torch.Tensor) or codes.ndim != 3 or codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"codes must be an integer tensor of shape (B, H, W); got "
                             f"{type(codes).__name__} {getattr(codes, 'dtype', '')} {tuple(getattr(codes, 'shape', ()))}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
+        if codes.numel() == 0: raise ValueError(f"codes is empty: shape {tuple(codes.shape)}; need at least one (H, W) map with H, W >= 1")
+        if int(codes.min()) < 0 or int(codes.max()) >= self.num_codes:
             raise ValueError(f"codes must lie in [0, {self.num_codes}); got range [{int(codes.min())}, {int(codes.max())}]")
         labels, cond = self.check_condition(*codes.shape, labels=labels, cond=cond)
-        x = self.emb(codes.long()).permute(0, 3, 1, 2)                # (B, dim, H, W)
+        x = self.code_embed(codes.long()).permute(0, 3, 1, 2)             # (B, width, H, W)
         return self.forward_embedded(x, labels, cond)
 
     def nll(self, codes: torch.Tensor, labels=None, cond=None) -> torch.Tensor:
@@ -168,18 +181,17 @@ class GatedPixelCNN(nn.Module):
     @torch.no_grad()
     def sample(self, shape=(1, 8, 8), labels=None, cond=None, temperature: float = 1.0,
                generator: torch.Generator | None = None, method: str = "fast", top_k: int | None = None) -> torch.Tensor:
-        "Draw codes (B, H, W) in raster order; the same `generator` state gives the same codes with `method` 'fast' or 'naive'."
-        if len(shape) != 3 or min(shape) < 1: raise ValueError(f"shape must be (B, H, W) with positive sizes; got {shape}")
-        if not temperature > 0: raise ValueError(f"temperature must be > 0; got {temperature}")
-        if top_k is not None and (int(top_k) != top_k or top_k < 1): raise ValueError(f"top_k must be a positive int or None; got {top_k}")
+        "Draw codes (B, H, W) in raster order; the same `generator` state gives the same codes with `method` 'fast' or 'naive'. Temperature 0: argmax."
+        if len(shape) != 3: raise ValueError(f"shape must be (B, H, W); got {shape}")
+        if shape[0] == 0: raise ValueError(f"cannot sample an empty batch: shape {tuple(shape)} has B = 0")
+        if min(shape) < 1: raise ValueError(f"shape must be (B, H, W) with positive sizes; got {shape}")
+        _check_sampling_args(temperature, top_k)
         if method not in ("fast", "naive"): raise ValueError(f"method must be 'fast' or 'naive'; got {method!r}")
         B, H, W = shape
         labels, cond = self.check_condition(B, H, W, labels, cond)
-        dev = self.emb.weight.device
-        u = draw_uniforms((B, H, W), generator, dev)                  # one uniform per position, drawn up front
-        was_training = self.training; self.eval()
-        try: return (sample_fast if method == "fast" else sample_naive)(self, u, labels, cond, temperature, top_k)
-        finally: self.train(was_training)
+        u = draw_uniforms((B, H, W), generator, model_device(self))      # one uniform per position, drawn up front
+        with eval_mode(self):
+            return (sample_fast if method == "fast" else sample_naive)(self, u, labels, cond, temperature, top_k)
 
 # %% ../nbs/07_pixelcnn.ipynb #4f9a0469
 def draw_uniforms(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -188,27 +200,60 @@ def draw_uniforms(shape, generator: torch.Generator | None = None, device=None) 
     return torch.rand(*shape, generator=generator, device=gdev, dtype=torch.float64).to(device or gdev)
 
 
-def pick_codes(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    "Sample a code per row of `logits` (B, K) by the inverse CDF at the uniforms `u` (B,); temperature and top-k applied."
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]: vals, idx = logits.topk(int(top_k), dim=-1)  # (B, k), largest first
-    else: vals, idx = logits, None
+def _check_sampling_args(temperature: float, top_k: int | None):
+    "Raise a ValueError unless temperature is a finite number >= 0 and top_k is None or a positive int."
+    try: t = float(temperature)
+    except (TypeError, ValueError): raise ValueError(f"temperature must be a number >= 0; got {temperature!r}") from None
+    if not (math.isfinite(t) and t >= 0): raise ValueError(f"temperature must be a finite number >= 0 (0: argmax); got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None; got {top_k!r}")
+
+
+def _nonfinite_logits_error(where: str = '') -> ValueError:
+    "The error for NaN or infinite logits: they define no distribution, so no code can be drawn."
+    return ValueError(f"the model's logits contain NaN or inf{where}: refusing to sample (check the weights, e.g. for a "
+                      "diverged training run, and the inputs)")
+
+
+def pick_codes(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+               check: bool = True) -> torch.Tensor:
+    "A code per row of `logits` (B, K): the inverse CDF at the uniforms `u` (B,), after temperature (0: argmax) and top-k."
+    if check:
+        if logits.ndim != 2 or not logits.is_floating_point(): raise TypeError(f"logits must be a float (B, K) tensor; got {logits.dtype} {tuple(logits.shape)}")
+        if u.shape != logits.shape[:1]: raise ValueError(f"u must have shape ({logits.shape[0]},); got {tuple(u.shape)}")
+        if not bool(torch.isfinite(logits).all()): raise _nonfinite_logits_error()
+    if temperature == 0: return logits.argmax(-1)                          # the limit T -> 0
+    z = (logits - logits.amax(-1, keepdim=True)) / temperature             # (B, K), max 0: no overflow at small T
+    z = z.nan_to_num(nan=0.0)                                               # 0/0 where T underflows in the dtype: the max
+    if top_k is not None and top_k < z.shape[-1]: vals, idx = z.topk(int(top_k), dim=-1)  # (B, k), largest first
+    else: vals, idx = z, None
     cdf = vals.softmax(-1).cumsum(-1)                                       # (B, k)
     thr = u.to(cdf.dtype)[:, None] * cdf[:, -1:]                            # so rounding in the cdf never matters
     j = torch.searchsorted(cdf, thr, right=True).clamp_(max=vals.shape[-1] - 1)  # (B, 1)
     return (j if idx is None else idx.gather(1, j)).squeeze(1)
 
 # %% ../nbs/07_pixelcnn.ipynb #4afea9fe
+def _check_uniforms(u: torch.Tensor):
+    "Raise unless `u` is a float (B, H, W) tensor of uniforms with B, H, W >= 1."
+    if not isinstance(u, torch.Tensor) or u.ndim != 3 or not u.is_floating_point():
+        raise TypeError(f"u must be a float tensor (B, H, W) of uniforms in [0, 1) (see draw_uniforms); got "
+                        f"{type(u).__name__} {getattr(u, 'dtype', '')} {tuple(getattr(u, 'shape', ()))}")
+    if u.numel() == 0: raise ValueError(f"u is empty (shape {tuple(u.shape)}): nothing to sample (B = 0?)")
+
+
 @torch.no_grad()
 def sample_naive(model: GatedPixelCNN, u: torch.Tensor, labels=None, cond=None, temperature: float = 1.0,
                  top_k: int | None = None, max_steps: int | None = None) -> torch.Tensor:
     "Reference sampler: one full forward pass per position. `u` (B, H, W) uniforms; `max_steps` stops early (timing)."
+    _check_uniforms(u); _check_sampling_args(temperature, top_k)
     B, H, W = u.shape
+    labels, cond = model.check_condition(B, H, W, labels, cond)
     codes = torch.zeros(B, H, W, dtype=torch.long, device=u.device)
     for t in range(H * W if max_steps is None else min(max_steps, H * W)):
         i, j = divmod(t, W)
         logits = model(codes, labels, cond)[:, :, i, j]                 # (B, K): the whole network, one position used
-        codes[:, i, j] = pick_codes(logits, u[:, i, j], temperature, top_k)
+        if not bool(torch.isfinite(logits).all()): raise _nonfinite_logits_error(f" at position ({i}, {j})")
+        codes[:, i, j] = pick_codes(logits, u[:, i, j], temperature, top_k, check=False)
     return codes
 
 # %% ../nbs/07_pixelcnn.ipynb #ed317863
@@ -216,63 +261,70 @@ def sample_naive(model: GatedPixelCNN, u: torch.Tensor, labels=None, cond=None, 
 def sample_fast(model: GatedPixelCNN, u: torch.Tensor, labels=None, cond=None, temperature: float = 1.0,
                 top_k: int | None = None) -> torch.Tensor:
     "Cached incremental sampler: per-layer row caches; the vertical stack once per row. Same draws as `sample_naive`."
+    _check_uniforms(u); _check_sampling_args(temperature, top_k)
     B, H, W = u.shape
-    d, n, L = model.dim, model.kernel_size // 2, model.n_layers
-    dev, dt, layers = u.device, model.emb.weight.dtype, model.layers
+    labels, cond = model.check_condition(B, H, W, labels, cond)
+    d, n, L = model.width, model.kernel_size // 2, model.n_layers
+    dev, dt, layers = u.device, model.code_embed.weight.dtype, model.layers
     codes = torch.zeros(B, H, W, dtype=torch.long, device=dev)
-    cbs = [lay.cond_bias(labels, cond) for lay in layers]               # (B, 4d, 1|H, 1|W) or None
-    # weights as matrices
-    Wh = [lay.hconv.weight[:, :, 0, :].permute(2, 1, 0).reshape(lay.hk * d, 2 * d).contiguous() for lay in layers]  # (hk*d, 2d)
-    Wo = [lay.h2h.weight[:, :, 0, 0].t().contiguous() for lay in layers]   # (d, d)
-    c1, c2 = model.head[1], model.head[3]
-    W1, b1 = c1.weight[:, :, 0, 0].t().contiguous(), c1.bias
-    W2, b2 = c2.weight[:, :, 0, 0].t().contiguous(), c2.bias
-    E = model.emb.weight                                                   # (K, d)
-    # caches: last n+1 rows of every vertical input (padded), current row of every horizontal input (n zero columns left)
-    vin = [torch.zeros(B, d, n + 1, W + 2 * n, device=dev, dtype=dt) for _ in range(L)]
-    hrow = [torch.zeros(B, W + n, d, device=dev, dtype=dt) for _ in range(L + 1)]
-    rowbias = [torch.empty(B, W, 2 * d, device=dev, dtype=dt) for _ in range(L)]  # vertical + condition + biases, row i
-    vpre_prev = [None] * L                                                 # vertical pre-activations of the row above
+    cond_biases = [layer.cond_bias(labels, cond) for layer in layers]         # (B, 4d, 1|H, 1|W) or None
+    # the horizontal stacks' convolutions and the head as matrices
+    W_horiz = [layer.conv_horiz.weight[:, :, 0, :].permute(2, 1, 0).reshape(layer.horiz_kernel * d, 2 * d).contiguous()
+               for layer in layers]                                            # (kernel * d, 2d)
+    W_out = [layer.horiz_out.weight[:, :, 0, 0].t().contiguous() for layer in layers]  # (d, d)
+    head1, head2 = model.head[1], model.head[3]
+    W1, b1 = head1.weight[:, :, 0, 0].t().contiguous(), head1.bias             # (d, d)
+    W2, b2 = head2.weight[:, :, 0, 0].t().contiguous(), head2.bias             # (d, K)
+    E = model.code_embed.weight                                                # (K, d)
+    # caches: the last n+1 rows of every layer's vertical input (zero-padded), the current row of every horizontal
+    # input (n zero columns on the left; horiz_row[L] is the last layer's output)
+    vert_in = [torch.zeros(B, d, n + 1, W + 2 * n, device=dev, dtype=dt) for _ in range(L)]
+    horiz_row = [torch.zeros(B, W + n, d, device=dev, dtype=dt) for _ in range(L + 1)]
+    row_bias = [torch.empty(B, W, 2 * d, device=dev, dtype=dt) for _ in range(L)]  # vertical + condition + biases, row i
+    vert_pre_above = [None] * L                                                # vertical pre-activations of row i-1
     pre = torch.empty(B, 2 * d, device=dev, dtype=dt)
-    g, s, z = (torch.empty(B, d, device=dev, dtype=dt) for _ in range(3))
-    a = torch.empty(B, d, device=dev, dtype=dt)
+    g, s, z, a = (torch.empty(B, d, device=dev, dtype=dt) for _ in range(4))
     logits = torch.empty(B, model.num_codes, device=dev, dtype=dt)
-    rs = (W + n) * d                                                       # batch stride of a row cache
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+    row_stride = (W + n) * d                                                   # batch stride of a row cache
     for i in range(H):
-        for l, lay in enumerate(layers):                                   # the horizontal gates' row-i bias
-            rb = (lay.hconv.bias + lay.v2h.bias).expand(B, W, 2 * d)
-            if vpre_prev[l] is not None:
-                rb = rb + F.conv2d(vpre_prev[l], lay.v2h.weight)[:, :, 0].transpose(1, 2)  # (B, W, 2d)
-            if cbs[l] is not None:
-                c = cbs[l][:, 2 * d:]
+        for l, layer in enumerate(layers):                                     # the horizontal gates' row-i bias
+            rb = (layer.conv_horiz.bias + layer.vert_to_horiz.bias).expand(B, W, 2 * d)
+            if vert_pre_above[l] is not None:
+                rb = rb + F.conv2d(vert_pre_above[l], layer.vert_to_horiz.weight)[:, :, 0].transpose(1, 2)  # (B, W, 2d)
+            if cond_biases[l] is not None:
+                c = cond_biases[l][:, 2 * d:]
                 rb = rb + c[:, :, i if c.shape[2] > 1 else 0].transpose(1, 2)  # (B, W|1, 2d)
-            rowbias[l].copy_(rb)
+            row_bias[l].copy_(rb)
         for j in range(W):
-            for l, lay in enumerate(layers):
-                win = hrow[l].as_strided((B, lay.hk * d), (rs, 1), hrow[l].storage_offset() + j * d)  # columns j-n ..
-                torch.addmm(rowbias[l][:, j], win, Wh[l], out=pre)         # (B, 2d)
+            for l, layer in enumerate(layers):
+                window = horiz_row[l].as_strided((B, layer.horiz_kernel * d), (row_stride, 1),
+                                                 horiz_row[l].storage_offset() + j * d)  # columns j-n .. j-1 (A) or j (B)
+                torch.addmm(row_bias[l][:, j], window, W_horiz[l], out=pre)   # (B, 2d)
                 torch.tanh(pre[:, :d], out=g); torch.sigmoid(pre[:, d:], out=s); g.mul_(s)
-                if lay.mask_type == "B": torch.addmm(hrow[l][:, n + j], g, Wo[l], out=z)   # residual
-                else: torch.mm(g, Wo[l], out=z)
-                hrow[l + 1][:, n + j] = z.add_(lay.h2h.bias)
-            torch.clamp_min(hrow[L][:, n + j], 0, out=z)
+                if layer.mask_type == "B": torch.addmm(horiz_row[l][:, n + j], g, W_out[l], out=z)   # residual
+                else: torch.mm(g, W_out[l], out=z)
+                horiz_row[l + 1][:, n + j] = z.add_(layer.horiz_out.bias)
+            torch.clamp_min(horiz_row[L][:, n + j], 0, out=z)
             torch.addmm(b1, z, W1, out=a).relu_()
-            torch.addmm(b2, a, W2, out=logits)                             # (B, K)
-            c = pick_codes(logits, u[:, i, j], temperature, top_k)         # (B,)
-            codes[:, i, j] = c
-            e = E[c]                                                       # (B, d)
-            hrow[0][:, n + j] = e
-            vin[0][:, :, n, n + j] = e
-        for l, lay in enumerate(layers):                                   # row i is done: one row of the vertical stack
-            vp = F.conv2d(vin[l], lay.vconv.weight, lay.vconv.bias)        # (B, 2d, 1, W)
-            vpre_prev[l] = vp
+            torch.addmm(b2, a, W2, out=logits)                                 # (B, K)
+            finite.logical_and_(torch.isfinite(logits).all())                 # checked once per row: no sync here
+            drawn = pick_codes(logits, u[:, i, j], temperature, top_k, check=False)  # (B,)
+            codes[:, i, j] = drawn
+            e = E[drawn]                                                           # (B, d)
+            horiz_row[0][:, n + j] = e
+            vert_in[0][:, :, n, n + j] = e
+        if not bool(finite): raise _nonfinite_logits_error(f" in row {i}")
+        for l, layer in enumerate(layers):                                     # row i is done: one row of the vertical stack
+            vp = F.conv2d(vert_in[l], layer.conv_vert.weight, layer.conv_vert.bias)  # (B, 2d, 1, W)
+            vert_pre_above[l] = vp
             if l + 1 < L:
-                if cbs[l] is not None:
-                    c = cbs[l][:, :2 * d]
+                if cond_biases[l] is not None:
+                    c = cond_biases[l][:, :2 * d]
                     vp = vp + (c[:, :, i:i + 1] if c.shape[2] > 1 else c)
-                vin[l + 1][:, :, n, n:n + W] = gate(vp)[:, :, 0]
+                vert_in[l + 1][:, :, n, n:n + W] = gate(vp)[:, :, 0]
         if n:
-            for l in range(L): vin[l][:, :, :n] = vin[l][:, :, 1:].clone()  # slide the row windows down one row
+            for l in range(L): vert_in[l][:, :, :n] = vert_in[l][:, :, 1:].clone()  # slide the row windows down one row
     return codes
 
 # %% ../nbs/07_pixelcnn.ipynb #1a13e0cc
@@ -287,8 +339,7 @@ class RasterMarkovSource:
     @property
     def entropy_per_code(self) -> float:
         "H(q) in nats: the exact conditional entropy of every code given all earlier codes."
-        q = self.q[self.q > 0]
-        return float(-(q * q.log()).sum())
+        return float(entropy(self.q))
 
     def noise_to_codes(self, e: torch.Tensor) -> torch.Tensor:
         "Codes (N, H, W) from the noise e (N, H, W)."
@@ -310,57 +361,3 @@ class RasterMarkovSource:
         "n maps (n, H, W) int64."
         e = torch.multinomial(self.q.float(), n * self.H * self.W, replacement=True, generator=generator)
         return self.noise_to_codes(e.view(n, self.H, self.W))
-
-# %% ../nbs/07_pixelcnn.ipynb #c50fb6e5
-class CodeLoader:
-    "Shuffled batches (codes (B, H, W) int64, labels (B,) int64 or None) from in-memory tensors on `device`."
-    def __init__(self, codes: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 64,
-                 shuffle: bool = True, drop_last: bool = True, device=None, seed: int = 0):
-        from vqlearn.core import get_device
-        if codes.ndim != 3 or codes.dtype.is_floating_point:
-            raise ValueError(f"codes must be an integer tensor (N, H, W); got {codes.dtype} {tuple(codes.shape)}")
-        if labels is not None and labels.shape != (len(codes),):
-            raise ValueError(f"labels must have shape ({len(codes)},); got {tuple(labels.shape)}")
-        if batch_size < 1: raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        self.device = get_device(device)
-        self.codes = codes.long().to(self.device)
-        self.labels = None if labels is None else labels.long().to(self.device)
-        self.bs, self.shuffle, self.drop_last, self.seed, self.epoch = batch_size, shuffle, drop_last, seed, 0
-
-    def __len__(self):
-        n = len(self.codes)
-        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
-
-    def iter_epoch(self, epoch: int, start: int = 0):
-        "Yield the batches of `epoch` from batch number `start` (the order is fixed by `seed` and `epoch`, as in `DeviceLoader`)."
-        g = epoch_generator(self.seed, epoch)
-        order = (torch.randperm(len(self.codes), generator=g) if self.shuffle else torch.arange(len(self.codes))).to(self.device)
-        for b in range(start, len(self)):
-            idx = order[b * self.bs:(b + 1) * self.bs]
-            yield self.codes[idx], (None if self.labels is None else self.labels[idx])
-
-    def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1  # a new epoch per iteration, even one stopped early
-        yield from self.iter_epoch(epoch)
-
-
-def prior_step(model: GatedPixelCNN, batch) -> dict:
-    "A `fit` step function: cross-entropy (nats per code) of a batch (codes, labels or None)."
-    codes, labels = batch
-    return {'loss': model.nll(codes, labels if model.n_classes else None)}
-
-
-@torch.no_grad()
-def evaluate_nll(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 512,
-                 cond: torch.Tensor | None = None) -> float:
-    "Mean NLL in nats per code over a whole set of maps (N, H, W)."
-    was = model.training; model.eval()
-    dev = next(model.parameters()).device
-    tot = 0.0
-    for b in range(0, len(codes), batch_size):
-        c = codes[b:b + batch_size].to(dev)
-        lab = None if labels is None or not model.n_classes else labels[b:b + batch_size].to(dev)
-        cd = None if cond is None else cond[b:b + batch_size].to(dev)
-        tot += float(F.cross_entropy(model(c, lab, cd), c.long(), reduction='sum'))
-    model.train(was)
-    return tot / codes.numel()

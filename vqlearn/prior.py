@@ -4,16 +4,32 @@
 
 # %% ../nbs/08_prior.ipynb #35d4ea5e
 from __future__ import annotations
-import math
 import torch
 import torch.nn.functional as F
-from .pixelcnn import GatedPixelCNN, CodeLoader, prior_step, evaluate_nll
-from .metrics import bits_per_dim
+from .core import eval_mode, model_device
+from .metrics import bits_per_dim, entropy
+from .pixelcnn import GatedPixelCNN
+from .data import DeviceLoader
+from .train import fit
 
 # %% auto #0
-__all__ = ['codes_bits_per_dim', 'unigram_entropy', 'fit_prior', 'classify_codes', 'sample_images']
+__all__ = ['codes_bits_per_dim', 'unigram_entropy', 'prior_step', 'evaluate_nll', 'fit_prior', 'classify_codes', 'sample_images']
 
 # %% ../nbs/08_prior.ipynb #0257df92
+def _check_code_maps(codes: torch.Tensor, labels: torch.Tensor | None = None, num_codes: int | None = None, name: str = 'codes'):
+    "Raise a clear error unless `codes` is a non-empty integer (N, h, w) tensor (values in [0, num_codes)) and labels (N,) integers."
+    if not isinstance(codes, torch.Tensor) or codes.ndim != 3 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of code maps (N, h, w); got "
+                        f"{type(codes).__name__} {getattr(codes, 'dtype', '')} {tuple(getattr(codes, 'shape', ()))}")
+    if codes.numel() == 0: raise ValueError(f"{name} is empty (shape {tuple(codes.shape)}): need at least one map")
+    if num_codes is not None and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+        raise ValueError(f"{name} must lie in [0, {num_codes}); got range [{int(codes.min())}, {int(codes.max())}]")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != (len(codes),) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels for {name} must be an integer tensor of shape ({len(codes)},); got "
+                            f"{type(labels).__name__} {getattr(labels, 'dtype', '')} {tuple(getattr(labels, 'shape', ()))}")
+
+
 def codes_bits_per_dim(nll_nats: float, code_shape: tuple[int, int], image_shape: tuple[int, int, int]) -> float:
     "Convert nats per code into bits per image dimension: the h*w codes' nats, spread over the C*H*W numbers of an image."
     (h, w), (C, H, W) = code_shape, image_shape
@@ -22,18 +38,44 @@ def codes_bits_per_dim(nll_nats: float, code_shape: tuple[int, int], image_shape
 
 def unigram_entropy(codes: torch.Tensor, num_codes: int) -> float:
     "Entropy (nats) of the code frequencies in `codes`: the NLL of the best prior that ignores context."
-    p = torch.bincount(codes.flatten(), minlength=num_codes).double()
-    p = p[p > 0] / p.sum()
-    return float(-(p * p.log()).sum())
+    codes = torch.as_tensor(codes)
+    if codes.numel() == 0: raise ValueError("unigram_entropy needs at least one code")
+    if int(codes.min()) < 0 or int(codes.max()) >= num_codes:
+        raise ValueError(f"codes must lie in [0, {num_codes}); got range [{int(codes.min())}, {int(codes.max())}]")
+    return float(entropy(torch.bincount(codes.flatten().long(), minlength=num_codes).double()))
+
+# %% ../nbs/08_prior.ipynb #1f5f07f9
+def prior_step(model: GatedPixelCNN, batch) -> dict:
+    "A `fit` step function: cross-entropy (nats per code) of a batch (codes, labels or None)."
+    codes, labels = batch if len(batch) == 2 else (batch[0], None)
+    return {'loss': model.nll(codes, labels if model.n_classes else None)}
+
+
+@torch.no_grad()
+def evaluate_nll(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 512,
+                 cond: torch.Tensor | None = None) -> float:
+    "Mean NLL in nats per code over a whole set of maps (N, H, W) (labels (N,) are used only by a class-conditional model)."
+    _check_code_maps(codes, labels, model.num_codes)
+    if model.n_classes and labels is None: raise ValueError(f"the model is class-conditional: pass labels of shape ({len(codes)},)")
+    dev, tot = model_device(model), 0.0
+    with eval_mode(model):
+        for b in range(0, len(codes), batch_size):
+            c = codes[b:b + batch_size].to(dev)
+            lab = labels[b:b + batch_size].to(dev) if model.n_classes else None
+            cd = None if cond is None else cond[b:b + batch_size].to(dev)
+            tot += float(F.cross_entropy(model(c, lab, cd), c.long(), reduction='sum'))
+    return tot / codes.numel()
 
 # %% ../nbs/08_prior.ipynb #f90635a8
 def fit_prior(prior: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None = None, test_codes=None,
               test_labels=None, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3, eval_every: int | None = None,
               device=None, **fit_kw):
     "Train `prior` on code maps (N, h, w) (+ labels if it is class-conditional) with cross-entropy; returns `fit`'s History."
-    from vqlearn.train import fit
-    if prior.n_classes and labels is None: raise ValueError("a class-conditional prior needs labels")
-    dl = CodeLoader(codes, labels if prior.n_classes else None, batch_size=batch_size, device=device)
+    if prior.n_classes and labels is None: raise ValueError("a class-conditional prior needs labels (N,) for its code maps")
+    _check_code_maps(codes, labels if prior.n_classes else None, prior.num_codes)
+    if len(codes) < batch_size: raise ValueError(f"{len(codes)} code maps are fewer than one batch of {batch_size} (batches drop the remainder)")
+    if test_codes is not None: _check_code_maps(test_codes, test_labels if prior.n_classes else None, prior.num_codes, 'test_codes')
+    dl = DeviceLoader((codes, labels if prior.n_classes else None), batch_size, drop_last=True, device=device)
     ev = None
     if test_codes is not None:
         ev = lambda m: {'nll': evaluate_nll(m, test_codes, test_labels if m.n_classes else None)}
@@ -44,15 +86,14 @@ def fit_prior(prior: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | 
 def classify_codes(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     "Log-likelihoods (N, n_classes) in nats per map of code maps (N, h, w) under each class of a class-conditional prior."
     if not prior.n_classes: raise ValueError("classify_codes needs a class-conditional prior (n_classes set)")
-    was = prior.training; prior.eval()
-    dev = next(prior.parameters()).device
-    out = []
-    for b in range(0, len(codes), batch_size):
-        c = codes[b:b + batch_size].to(dev)
-        ll = [-F.cross_entropy(prior(c, torch.full((len(c),), y, device=dev)), c, reduction='none').sum((1, 2))
-              for y in range(prior.n_classes)]
-        out.append(torch.stack(ll, 1).cpu())
-    prior.train(was)
+    _check_code_maps(codes, None, prior.num_codes)
+    dev, out = model_device(prior), []
+    with eval_mode(prior):
+        for b in range(0, len(codes), batch_size):
+            c = codes[b:b + batch_size].to(dev).long()
+            ll = [-F.cross_entropy(prior(c, torch.full((len(c),), y, device=dev)), c, reduction='none').sum((1, 2))
+                  for y in range(prior.n_classes)]
+            out.append(torch.stack(ll, 1).cpu())
     return torch.cat(out)
 
 # %% ../nbs/08_prior.ipynb #1012bf24
@@ -61,7 +102,5 @@ def sample_images(prior: GatedPixelCNN, vqvae, n: int, code_shape: tuple[int, in
                   temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None):
     "Sample n code maps (n, h, w) from `prior` (labels (n,) if class-conditional) and decode them: (codes, images (n, C, H, W))."
     codes = prior.sample((n, *code_shape), labels=labels, temperature=temperature, top_k=top_k, generator=generator)
-    was = vqvae.training; vqvae.eval()
-    imgs = vqvae.decode(codes).clamp(0, 1)
-    vqvae.train(was)
+    with eval_mode(vqvae): imgs = vqvae.decode(codes.to(model_device(vqvae))).clamp(0, 1)
     return codes, imgs
