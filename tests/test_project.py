@@ -1,5 +1,5 @@
 "The package as a whole: it imports, exposes its public names, and matches its notebooks."
-import configparser, importlib, re, shutil, subprocess, sys
+import configparser, importlib, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -125,3 +125,11 @@ def test_import_graph_check_can_fail(tmp_path):
     p = tmp_path / 'm.py'
     p.write_text('from .core import x\ndef f():\n    from vqlearn.data import y\n    import vqlearn.train\n')
     assert _package_imports(p) == {'core', 'data', 'train'}
+
+def test_readme_python_blocks_run_as_written(tmp_path):
+    "Every ```python block of the README runs, in order, in a fresh interpreter (quick configuration, fresh cache)."
+    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    env = {**os.environ, 'VQLEARN_MODE': 'quick', 'VQLEARN_CACHE': str(tmp_path / 'cache'), 'MPLBACKEND': 'Agg'}
+    r = subprocess.run([sys.executable, '-c', '\n'.join(blocks)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
