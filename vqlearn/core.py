@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
 
 # %% auto #0
@@ -159,7 +159,6 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no file at {path}")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework='pt') as f: header = (f.metadata() or {}).get('vqlearn')
         tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
