@@ -4,10 +4,10 @@ import numpy as np
 import pytest, torch
 import vqlearn.vqvae as V
 from vqlearn.vqvae import (VQVAE, vqvae_step, evaluate_vqvae, extract_codes, make_encoder, make_decoder, register_quantizer,
-                           build_quantizer, quantizer_spec, QUANTIZER_CLASSES, VQVAE_SETTINGS, VQVAE_STAGE_KEYS, vqvae_data,
+                           build_quantizer, quantizer_spec, QUANTIZER_CLASSES, VQVAE_SETTINGS, VQVAE_STAGE_KEYS,
                            train_vqvae, vqvae_stage, codes_stage)
 from vqlearn.quantize import VectorQuantizer, VectorQuantizerEMA
-from vqlearn.data import ArrayDataset, DeviceLoader, load_codes
+from vqlearn.data import ArrayDataset, DeviceLoader, lesson_data, load_codes, stage_settings
 from vqlearn.core import settings
 
 
@@ -215,21 +215,21 @@ def tiny_settings(**kw):
     return C
 
 
-def test_vqvae_data_reads_an_npz_when_asked(tmp_path, monkeypatch):
+def test_lesson_data_reads_an_npz_when_asked(tmp_path, monkeypatch):
     names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
     labels = np.array([2, 7, 0] * 20, dtype=np.uint8)
     np.savez(tmp_path / 'c.npz', images=np.random.randint(0, 256, (60, 32, 32, 3), dtype=np.uint8), labels=labels,
              classes=np.array(names))
     monkeypatch.setenv('VQLEARN_NPZ', str(tmp_path / 'c.npz'))
-    train, test = vqvae_data(settings(**VQVAE_SETTINGS, mode='docs'))
+    train, test = lesson_data(settings(**VQVAE_SETTINGS, mode='docs'))
     assert len(train) + len(test) == 40 and len(test) == 4 and train.classes == ['horse', 'bird']
     assert set(train.labels.tolist()) | set(test.labels.tolist()) == {0, 1}
     # the npz is part of the artifact's identity
-    a = V._stage_config(settings(**VQVAE_SETTINGS, mode='docs'))
+    a = stage_settings(settings(**VQVAE_SETTINGS, mode='docs'), VQVAE_STAGE_KEYS)
     monkeypatch.delenv('VQLEARN_NPZ')
-    assert a != V._stage_config(settings(**VQVAE_SETTINGS, mode='docs'))
+    assert a != stage_settings(settings(**VQVAE_SETTINGS, mode='docs'), VQVAE_STAGE_KEYS)
     q = tiny_settings()
-    train, test = vqvae_data(q)
+    train, test = lesson_data(q)
     assert (len(train), len(test)) == (48, 16)
 
 
@@ -251,7 +251,7 @@ def test_stages_are_cached_and_consistent(tmp_path, monkeypatch):
     from vqlearn.train import load_checkpoint
     assert load_checkpoint(ck)['history'].steps_of('mse')[-1] == C.steps  # the training history is kept
     model = VQVAE.from_checkpoint(ck)
-    train, test = vqvae_data(C)
+    train, test = lesson_data(C)
     for split, data in (('train', train), ('test', test)):
         p = codes_stage(C, split, device='cpu', folder=tmp_path)
         cm = load_codes(p)

@@ -11,13 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import Checkpointable, Settings, cached, eval_mode, get_device, model_device, seed_everything
 from .quantize import VectorQuantizer, VectorQuantizerEMA, VQOutput, code_stats
-from .data import ArrayDataset, DeviceLoader, get_dataset, image_batches, load_codes, save_codes, split_dataset
+from .data import DeviceLoader, image_batches, lesson_data, load_codes, save_codes, stage_settings
 from .train import History, fit, save_checkpoint
 
 # %% auto #0
 __all__ = ['VQVAE_SETTINGS', 'QUANTIZERS', 'QUANTIZER_CLASSES', 'VQVAE_STAGE_KEYS', 'ResBlock', 'make_encoder', 'make_decoder',
            'register_quantizer', 'quantizer_spec', 'build_quantizer', 'VQVAE', 'vqvae_step', 'evaluate_vqvae',
-           'vqvae_data', 'train_vqvae', 'vqvae_stage', 'extract_codes', 'codes_stage']
+           'train_vqvae', 'vqvae_stage', 'extract_codes', 'codes_stage']
 
 # %% ../nbs/06_vqvae.ipynb #eb2d23a2
 _VQVAE_COMMON = dict(quantizer='ema_restart', flip=True, seed=0, min_usage=0.5)
@@ -200,21 +200,11 @@ def evaluate_vqvae(model: VQVAE, data, batch_size: int = 256, device=None) -> di
     return dict(mse=mse, psnr=10 * math.log10(1 / max(mse, 1e-12)), perplexity=ppl.item(), usage=usage.item())
 
 # %% ../nbs/06_vqvae.ipynb #e458c84e
-def vqvae_data(C: dict) -> tuple[ArrayDataset, ArrayDataset]:
-    "(train, test) images of settings `C`: synthetic shapes, or CIFAR-10 (classes `C.classes`), from `$VQLEARN_NPZ` if set."
-    C = Settings(C)
-    if C.data == 'shapes':
-        return (get_dataset('shapes', n=C.n_train, seed=C.seed), get_dataset('shapes', train=False, n=C.n_test, seed=C.seed))
-    npz = os.environ.get('VQLEARN_NPZ')
-    if npz:  # a local copy of the images: hold out a fixed random tenth for testing
-        return split_dataset(get_dataset('npz', root=npz, classes=C.classes), valid_frac=0.1, seed=C.seed)
-    return get_dataset(C.data, train=True, classes=C.classes), get_dataset(C.data, train=False, classes=C.classes)
-
 def train_vqvae(C: dict, device=None) -> tuple[VQVAE, History]:
     "Train the lesson's VQ-VAE with settings `C` (see `VQVAE_SETTINGS`): data, model and `fit`; returns (model, history)."
     C, device = Settings(C), get_device(device)
     seed_everything(C.seed)
-    train, _ = vqvae_data(C)
+    train, _ = lesson_data(C)
     model = VQVAE(**C.model, quantizer=C.quantizer)
     dl = DeviceLoader(train, batch_size=C.batch_size, shuffle=True, flip=C.flip, device=device, seed=C.seed)
     hist = fit(model, dl, vqvae_step, steps=C.steps, lr=C.lr, sched='cosine', warmup=C.warmup, log_every=C.log_every,
@@ -225,20 +215,12 @@ def train_vqvae(C: dict, device=None) -> tuple[VQVAE, History]:
 VQVAE_STAGE_KEYS = ('data', 'classes', 'n_train', 'n_test', 'model', 'quantizer', 'steps', 'batch_size', 'lr', 'warmup',
                     'flip', 'seed')  # the settings the trained model depends on (not the thresholds of the checks)
 
-def _stage_config(C: dict) -> dict:
-    "What the lesson's artifacts depend on: the training settings and, for CIFAR-10, where its images come from."
-    missing = [k for k in VQVAE_STAGE_KEYS if k not in C]
-    if missing: raise KeyError(f"the settings lack {missing}; start from VQVAE_SETTINGS")
-    cfg = {k: C[k] for k in VQVAE_STAGE_KEYS}
-    if C['data'] != 'shapes': cfg['npz'] = os.environ.get('VQLEARN_NPZ')
-    return cfg
-
 def vqvae_stage(C: dict, device=None, folder=None) -> Path:
     "Path of the VQ-VAE checkpoint trained with settings `C`: from the cache, or made now by `train_vqvae(C, device)`."
     def make(path):
         model, hist = train_vqvae(C, device)
-        save_checkpoint(path, model, settings=_stage_config(C), history=hist)
-    return cached('vqvae', make, _stage_config(C), check=VQVAE.from_checkpoint, folder=folder)
+        save_checkpoint(path, model, settings=stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE_SETTINGS'), history=hist)
+    return cached('vqvae', make, stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE_SETTINGS'), check=VQVAE.from_checkpoint, folder=folder)
 
 # %% ../nbs/06_vqvae.ipynb #7c4156fe
 @torch.no_grad()
@@ -268,9 +250,9 @@ def codes_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path
     def make(path):
         ckpt = vqvae_stage(C, device, folder)
         model = VQVAE.from_checkpoint(ckpt, device=device)
-        train, test = vqvae_data(C)
+        train, test = lesson_data(C)
         data = train if split == 'train' else test
         codes, labels = extract_codes(model, data)
         save_codes(path, {'codes': codes}, labels, {'codes': model.num_codes}, split=split, classes=data.classes,
                    code_shape=list(codes.shape[1:]), vqvae=ckpt.name, vqvae_sha1=_file_digest(ckpt), model=model.config)
-    return cached(f'vqvae-codes-{split}', make, _stage_config(C), check=check, folder=folder)
+    return cached(f'vqvae-codes-{split}', make, stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE_SETTINGS'), check=check, folder=folder)
