@@ -5,6 +5,7 @@ Run from the project folder:
 
     python bench/sampling_speed.py            # batch 64, 8x8 and 32x32 maps, default model, CPU (+ CUDA if available)
     python bench/sampling_speed.py --quick    # a short run: batch 8, small model, 8x8 and 16x16
+    python bench/sampling_speed.py --quick --attention 2   # the same with a causal self-attention block after every 2nd layer
 
 Prints a markdown table of samples per second (medians over --repeats; naive and fast timed in the same run, so the
 speed-up column compares like with like). A naive pass costs the same at every position, so when a map has more
@@ -60,6 +61,9 @@ def main(argv=None):
                    help='time at most this many naive passes per repeat and scale up (0: all positions)')
     p.add_argument('--devices', nargs='+', default=None, help="devices to run on (default: cpu, and cuda if available)")
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: leave as is)')
+    p.add_argument('--attention', type=int, default=0, metavar='K',
+                   help='a causal self-attention block after every K-th gated layer (default 0: none)')
+    p.add_argument('--heads', type=int, default=4, help='attention heads (with --attention)')
     p.add_argument('--dtype', choices=['float32', 'float64'], default='float32')
     p.add_argument('--no-check', action='store_true', help='skip the fast == naive check')
     p.add_argument('--quick', action='store_true', help='short run: batch 8, width 32, 5 layers, K 64, sizes 8 16, 1 repeat')
@@ -68,13 +72,15 @@ def main(argv=None):
     if a.threads: torch.set_num_threads(a.threads)
     devices = a.devices or (['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
     naive_steps = a.naive_steps or None
-    print(f"# Gated PixelCNN sampling speed: K={a.codes}, width={a.width}, layers={a.layers}, batch={a.batch}, "
+    attn = f", attention after every {a.attention} layers ({a.heads} heads)" if a.attention else ""
+    print(f"# Gated PixelCNN sampling speed: K={a.codes}, width={a.width}, layers={a.layers}{attn}, batch={a.batch}, "
           f"{a.dtype}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {a.repeats}")
     rows = []
     for d in devices:
         dev = torch.device(d)
         torch.manual_seed(0)
-        model = GatedPixelCNN(a.codes, width=a.width, n_layers=a.layers).to(dev, getattr(torch, a.dtype)).eval()
+        model = GatedPixelCNN(a.codes, width=a.width, n_layers=a.layers, attn_every=a.attention,
+                              attn_heads=a.heads).to(dev, getattr(torch, a.dtype)).eval()
         name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
         for S in a.sizes:
             tn, tf, steps, same = bench_one(model, dev, a.batch, S, a.repeats, naive_steps, not a.no_check)

@@ -2,7 +2,8 @@
 
 The checks below are plain functions that raise when a sampler is wrong. `test_checks_pass` runs them on the real code;
 `test_mutant_is_caught` breaks the code on purpose, one small source edit at a time (an off-by-one cache row, a
-dropped `top_k`, an ignored temperature, a wrong CDF threshold, labels forced to class 0, ...), and requires that at
+dropped `top_k`, an ignored temperature, a wrong CDF threshold, labels forced to class 0, an attention mask that lets
+a position read its own code, a stale attention cache, soft labels collapsed to one class, ...), and requires that at
 least one check fails. A mutant that no check notices means the checks are too weak.
 """
 import __future__
@@ -119,8 +120,68 @@ def check_seeds():
     assert torch.equal(a, b) and not torch.equal(a, net.sample((4, 4, 4), generator=gen(12)))
 
 
-CHECKS = [check_inverse_cdf_exact, check_seeds, check_labels_followed, check_frequencies_match_multinomial,  # cheapest first
-          check_self_consistent_and_causal, check_fast_equals_naive, check_temperature_and_top_k_reach_the_samples]
+def check_attention_causal_and_self_consistent():
+    "With attention: features see exactly the earlier positions; sampled codes are the inverse CDF of teacher-forced logits."
+    torch.manual_seed(12)
+    net = _as_if_trained(P.GatedPixelCNN(6, width=8, n_layers=2, n_classes=2, attn_every=1, attn_heads=2).double().eval())
+    x = net.code_embed(torch.randint(0, 6, (1, 4, 7))).permute(0, 3, 1, 2).detach()
+    t = torch.arange(28)
+    lab1 = torch.tensor([1]).repeat(28)
+    assert torch.equal(P.dependency_maps(lambda z: net.features(z, lab1), x), (t[None] < t[:, None]).reshape(4, 7, 4, 7))
+    lab = torch.tensor([[0.3, 0.7], [1.0, 0.0]], dtype=torch.float64)
+    u = P.draw_uniforms((2, 4, 7), gen(13))
+    for sampler in (P.sample_fast, P.sample_naive):
+        codes = sampler(net, u, lab, None, 0.9, 5)
+        redo = P.pick_codes(net(codes, lab).permute(0, 2, 3, 1).reshape(-1, 6), u.reshape(-1), 0.9, 5).view(2, 4, 7)
+        assert torch.equal(codes, redo), sampler.__name__
+
+
+def check_attention_fast_equals_naive():
+    "Both samplers give the same codes (float64) with attention blocks, soft labels, a spatial condition, temperature, top-k."
+    for kw, T, k in [(dict(n_classes=3, cond_channels=2, attn_every=2, attn_heads=2), 1.0, None),
+                     (dict(n_classes=3, attn_every=1, attn_heads=4, kernel_size=5), 0.7, 3)]:
+        torch.manual_seed(14)
+        net = _as_if_trained(P.GatedPixelCNN(7, width=8, n_layers=3, **kw).double())
+        lab = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.1, 0.6, 0.3]], dtype=torch.float64)
+        cond = torch.randn(3, 2, 2, 3, dtype=torch.float64) if 'cond_channels' in kw else None
+        a = net.sample((3, 4, 6), lab, cond, T, gen(15), "naive", k)
+        b = net.sample((3, 4, 6), lab, cond, T, gen(15), "fast", k)
+        assert torch.equal(a, b), (kw, T, k)
+
+
+def check_attention_bias_names_the_offset():
+    "A block whose bias table favours one offset, (-1 row, +1 column), with no content scores, copies the code found there."
+    d, R = 4, 3
+    blk = P.CausalSelfAttention(d, heads=1, max_offset=R).double()
+    with torch.no_grad():
+        for lin in (blk.query, blk.key): lin.weight.zero_(); lin.bias.zero_()
+        blk.value.weight.zero_(); blk.value.weight[:, d:] = torch.eye(d); blk.value.bias.zero_()   # value = x_s
+        blk.out.weight.copy_(torch.eye(d)); blk.out.bias.zero_()
+        blk.pos_bias.fill_(-60.0); blk.pos_bias[0, 1, R + 1] = 60.0                # row index -dr = 1, column dc + R
+    x = torch.randn(1, d, 4, 5, dtype=torch.float64)
+    out = blk(torch.zeros_like(x), x)
+    assert torch.allclose(out[:, :, 1:, :-1], x[:, :, :-1, 1:], atol=1e-9)         # (i, j) reads (i - 1, j + 1)
+
+
+def check_soft_labels_mix():
+    "Soft labels: one-hot equals the integer label; a mix is the weighted sum of the class embeddings."
+    torch.manual_seed(16)
+    net = _as_if_trained(P.GatedPixelCNN(5, width=8, n_layers=2, n_classes=3).double())
+    codes, lab = torch.randint(0, 5, (3, 4, 4)), torch.tensor([2, 0, 1])
+    assert torch.equal(net(codes, torch.nn.functional.one_hot(lab, 3).double()), net(codes, lab))
+    mix = torch.tensor([[0.25, 0.0, 0.75]], dtype=torch.float64)
+    layer = net.layers[1]
+    want = 0.25 * layer.cond_bias(torch.tensor([0])) + 0.75 * layer.cond_bias(torch.tensor([2]))
+    assert torch.allclose(layer.cond_bias(mix), want)
+    a = net.sample((3, 4, 4), mix.expand(3, 3), generator=gen(17), method="fast")
+    assert torch.equal(a, net.sample((3, 4, 4), mix.expand(3, 3), generator=gen(17), method="naive"))
+
+
+CHECKS = [check_inverse_cdf_exact, check_seeds, check_labels_followed, check_soft_labels_mix,  # cheapest first
+          check_attention_bias_names_the_offset,
+          check_frequencies_match_multinomial, check_self_consistent_and_causal, check_fast_equals_naive,
+          check_attention_causal_and_self_consistent, check_attention_fast_equals_naive,
+          check_temperature_and_top_k_reach_the_samples]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -171,6 +232,24 @@ MUTANTS = [
      "(self, u, labels, cond, temperature, top_k)", "(self, u, labels, cond, temperature, None)"),
     ("draw_uniforms: generator ignored", "draw_uniforms",
      "generator=generator, device=gdev", "generator=None, device=gdev"),
+    ("attention: position t reads its own code (s <= t)", "CausalSelfAttention.forward",
+     ".tril(-1)", ".tril(0)"),
+    ("attention: keys and values from the features only", "CausalSelfAttention.forward",
+     "kv = torch.cat([hs, xs], -1)", "kv = torch.cat([hs, torch.zeros_like(xs)], -1)"),
+    ("attention: position bias of the transposed pair", "CausalSelfAttention.position_bias",
+     "return self.pos_bias[:, r, c]", "return self.pos_bias[:, r.t(), c.t()]"),
+    ("fast attention: stale cache (the newest position missing)", "sample_fast",
+     "slice(0, t)", "slice(0, max(t - 1, 0))"),
+    ("fast attention: reads the not-yet-written cache entry of position t", "sample_fast",
+     "slice(0, t)", "slice(0, t + 1)"),
+    ("fast attention: cached keys/values ignore the drawn code", "sample_fast",
+     "torch.cat([attn_in[l][:, t], e], -1)", "torch.cat([attn_in[l][:, t], torch.zeros_like(e)], -1)"),
+    ("fast attention: keys/values from the block's output instead of its input", "sample_fast",
+     "attn_in[l][:, t] = h_t", "attn_in[l][:, t] = 0 * h_t"),
+    ("soft labels: weights ignored (the heaviest class used)", "GatedLayer.cond_bias",
+     "c = labels @ self.class_embed.weight", "c = self.class_embed(labels.argmax(1))"),
+    ("soft labels: weights renormalised away (uniform mix)", "GatedLayer.cond_bias",
+     "c = labels @ self.class_embed.weight", "c = (labels > 0).to(labels.dtype) @ self.class_embed.weight / (labels > 0).sum(1, keepdim=True)"),
 ]
 
 

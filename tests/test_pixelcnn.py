@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vqlearn.pixelcnn import (make_mask, MaskedConv2d, GatedLayer, GatedPixelCNN, dependency_maps, pick_codes,
-                              draw_uniforms, sample_fast, sample_naive, RasterMarkovSource)
+                              draw_uniforms, sample_fast, sample_naive, RasterMarkovSource, CausalSelfAttention,
+                              attention_offsets, RowCopySource)
 
 
 @pytest.fixture(autouse=True)
@@ -15,15 +16,18 @@ def _one_thread():
 
 
 def _as_if_trained(net):
-    "Random class embeddings, as a trained model has them (a new model's are zero, so its labels do nothing yet)."
+    "Random class embeddings and attention position biases, as a trained model has them (a new model's are zero)."
     for layer in net.layers:
         if layer.class_embed is not None: torch.nn.init.normal_(layer.class_embed.weight)
+    for blk in net.attn.values(): torch.nn.init.normal_(blk.pos_bias)
     return net
 
 
-def earlier(S):
-    t = torch.arange(S * S)
-    return (t[None, :] < t[:, None]).reshape(S, S, S, S)
+def earlier(S, W=None):
+    "(S, W, S, W) bool: input (r, c) comes strictly before output (i, j) in raster order (W defaults to S)."
+    W = W or S
+    t = torch.arange(S * W)
+    return (t[None, :] < t[:, None]).reshape(S, W, S, W)
 
 
 def test_masks_exact():
@@ -330,3 +334,188 @@ def test_samples_follow_each_rows_label(method):
         only_y = net.sample((6, 4, 5), torch.full((6,), y), generator=torch.Generator().manual_seed(1), method=method)
         assert torch.equal(s[lab == y], only_y[lab == y])
         assert (s[lab != y] != only_y[lab != y]).float().mean() > 0.5  # another label gives other maps
+
+
+# ---------------------------------------------------------------- causal self-attention
+def _embedded(net, H, W, seed=0):
+    "The code embeddings (1, width, H, W) of a random map: dependence maps through real codes."
+    codes = torch.randint(0, net.num_codes, (1, H, W), generator=torch.Generator().manual_seed(seed))
+    return net.code_embed(codes).permute(0, 3, 1, 2).detach()
+
+
+@pytest.mark.parametrize("L,every,k", [(1, 1, 3), (2, 2, 3), (2, 1, 5), (3, 2, 3)])
+def test_attention_sees_exactly_every_earlier_position(L, every, k):
+    "With an attention block, the features at (i, j) depend on exactly the earlier positions, however few gated layers."
+    torch.manual_seed(L + k)
+    H, W = 6, 9                                                         # wider than any field here: row ends are far
+    net = _as_if_trained(GatedPixelCNN(5, width=8, n_layers=L, n_classes=2, cond_channels=1, kernel_size=k,
+                                       attn_every=every, attn_heads=2).double())
+    lab, cond = torch.tensor([1]).repeat(H * W), torch.randn(H * W, 1, H, W, dtype=torch.float64)
+    dep = dependency_maps(lambda z: net.features(z, lab, cond), _embedded(net, H, W))
+    assert torch.equal(dep, earlier(H, W))
+    plain = GatedPixelCNN(5, width=8, n_layers=L, kernel_size=k).double()   # the same stack without attention misses some
+    assert (earlier(H, W) & ~dependency_maps(lambda z: plain.features(z), _embedded(plain, H, W))).any()
+
+
+def test_attention_needs_the_codes_in_its_keys_and_values():
+    "Keys/values from the features alone miss the end of the row above at the start of a row; with the codes, nothing is missed."
+    torch.manual_seed(3)
+    net = _as_if_trained(GatedPixelCNN(5, width=8, n_layers=2, attn_every=2, attn_heads=2).double())
+    blk = net.attn['1']
+    def gated(z):
+        v = h = z
+        for layer in net.layers: v, h = layer(v, h)
+        return h
+    x = _embedded(net, 6, 8)
+    dep_feat = dependency_maps(lambda z: blk(gated(z), torch.zeros_like(z)), x)
+    assert not (dep_feat & ~earlier(6, 8)).any() and dep_feat.sum() > 0
+    assert not dep_feat[2, 0, 1, 7] and not dep_feat[4, 1, 3, 7]        # (i-1, W-1) is invisible from (i, 0) and (i, 1)
+    assert torch.equal(dependency_maps(lambda z: blk(gated(z), z), x), earlier(6, 8))
+
+
+def test_attention_block_alone_and_offsets():
+    torch.manual_seed(0)
+    blk = CausalSelfAttention(8, heads=4, max_offset=2).double()
+    torch.nn.init.normal_(blk.pos_bias)
+    x = torch.randn(1, 8, 4, 5, dtype=torch.float64)
+    assert torch.equal(dependency_maps(lambda z: blk(torch.zeros_like(z), z), x), earlier(4, 5))
+    h = torch.randn(2, 8, 4, 5, dtype=torch.float64)
+    out = blk(h, torch.randn(2, 8, 4, 5, dtype=torch.float64))
+    assert out.shape == h.shape and torch.equal(out[:, :, 0, 0], h[:, :, 0, 0] + blk.out.bias[None])  # (0, 0): nothing to read
+    r, c = attention_offsets(4, 5, 2)                                   # (20, 20)
+    assert r.shape == (20, 20) and (r[19, 0], c[19, 0]) == (2, 0)        # 3 rows up, 4 left: clipped to (2, -2)
+    assert (r[6, 0], c[6, 0]) == (1, 1) and (r[6, 4], c[6, 4]) == (1, 4)  # (1, 1) -> (0, 0): (-1, -1); -> (0, 4): (-1, +3 clipped to 2)
+    assert blk.position_bias(4, 5).shape == (4, 20, 20)
+    for bad in [dict(heads=3), dict(heads=0), dict(max_offset=0)]:
+        with pytest.raises(ValueError): CausalSelfAttention(**{'width': 8, **bad})
+
+
+def test_changing_a_code_moves_only_later_logits_with_attention():
+    "One gated layer + attention: a code moves no earlier logit, and the logits of the last position see the first code."
+    torch.manual_seed(1)
+    net = _as_if_trained(GatedPixelCNN(6, width=8, n_layers=1, attn_every=1, attn_heads=2).double())
+    codes = torch.randint(0, 6, (1, 5, 7))
+    out = net(codes)
+    for t in range(35):
+        c2 = codes.clone(); c2.view(-1)[t] = (c2.view(-1)[t] + 1) % 6
+        diff = (net(c2) - out).abs().sum(1).view(-1)
+        assert (diff[:t + 1] == 0).all() and (diff[t + 1:] > 0).all()   # every later position sees it
+
+
+ATTN_CONFIGS = [dict(attn_every=1, attn_heads=2), dict(n_classes=3, cond_channels=2, attn_every=2, attn_heads=4),
+                dict(n_classes=3, attn_every=1, attn_heads=2, attn_max_offset=1, kernel_size=5)]
+
+
+@pytest.mark.parametrize("kw", ATTN_CONFIGS)
+def test_attention_fast_equals_naive(kw):
+    "Identical codes from the cached sampler with attention blocks: labels (integer and soft), cond, temperature, top-k."
+    torch.manual_seed(2)
+    net = _as_if_trained(GatedPixelCNN(9, width=8, n_layers=3, **kw).double())
+    labs = [None] if 'n_classes' not in kw else [torch.tensor([2, 0, 1]), torch.tensor([[0.2, 0.3, 0.5], [0, 1, 0], [0.5, 0.5, 0]])]
+    cond = torch.randn(3, 2, 5, 3, dtype=torch.float64) if 'cond_channels' in kw else None
+    for lab in labs:
+        for T, k in [(1.0, None), (1.5, 4), (0.4, None), (0.0, None)]:
+            a = net.sample((3, 5, 6), lab, cond, T, torch.Generator().manual_seed(3), "naive", k)
+            b = net.sample((3, 5, 6), lab, cond, T, torch.Generator().manual_seed(3), "fast", k)
+            assert torch.equal(a, b), (kw, T, k)
+
+
+def test_attention_fast_equals_naive_float32_fixed_seed():
+    torch.manual_seed(4)
+    net = _as_if_trained(GatedPixelCNN(16, width=16, n_layers=4, n_classes=4, attn_every=2, attn_heads=2))
+    lab = torch.arange(6) % 4
+    a = net.sample((6, 8, 8), lab, generator=torch.Generator().manual_seed(0), method="naive")
+    b = net.sample((6, 8, 8), lab, generator=torch.Generator().manual_seed(0), method="fast")
+    assert torch.equal(a, b)
+
+
+def test_attention_off_by_default_keeps_config_and_state(tmp_path):
+    "Default: no attention modules, the old config keys, and checkpoints of attention-free models load as before."
+    torch.manual_seed(0)
+    net = GatedPixelCNN(6, width=8, n_layers=3, n_classes=2)
+    assert set(net.config) == {'num_codes', 'width', 'n_layers', 'n_classes', 'cond_channels', 'kernel_size'}
+    assert not any(k.startswith('attn') for k in net.state_dict()) and net.attn_layers == []
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), GatedPixelCNN(6, width=8, n_layers=3, n_classes=2).state_dict().values()))
+    anet = _as_if_trained(GatedPixelCNN(6, width=8, n_layers=4, attn_every=2, attn_heads=2, attn_max_offset=5))
+    assert anet.attn_layers == [1, 3] and anet.config['attn_every'] == 2 and anet.config['attn_max_offset'] == 5
+    back = GatedPixelCNN.from_checkpoint(anet.save(tmp_path / 'a.safetensors'), device='cpu')
+    codes = torch.randint(0, 6, (2, 5, 5))
+    assert back.config == anet.config and torch.equal(back(codes), anet.eval()(codes))
+    g = lambda: torch.Generator().manual_seed(1)
+    assert torch.equal(back.sample((2, 5, 5), generator=g()), anet.sample((2, 5, 5), generator=g()))
+
+
+def test_attention_bad_arguments():
+    for bad in [dict(attn_every=-1), dict(attn_every=1.5), dict(attn_every=True), dict(attn_every=1, attn_heads=3),
+                dict(attn_every=1, attn_max_offset=0)]:
+        with pytest.raises(ValueError): GatedPixelCNN(5, width=8, n_layers=2, **bad)
+
+
+# ---------------------------------------------------------------- soft labels
+def test_soft_one_hot_labels_are_exactly_the_integer_labels():
+    "One-hot soft labels give bit-identical logits, NLL and sampled codes (both samplers, same seed)."
+    torch.manual_seed(5)
+    for dt in (torch.float32, torch.float64):
+        net = _as_if_trained(GatedPixelCNN(7, width=8, n_layers=3, n_classes=3, cond_channels=1, attn_every=3, attn_heads=2).to(dt))
+        lab = torch.tensor([2, 0, 1, 1])
+        soft = F.one_hot(lab, 3).float()                                  # float32 weights, whatever the model's dtype
+        codes, cond = torch.randint(0, 7, (4, 5, 4)), torch.randn(4, 1, 5, 4)
+        assert torch.equal(net(codes, soft, cond), net(codes, lab, cond))
+        assert torch.equal(net.nll(codes, soft, cond), net.nll(codes, lab, cond))
+        for method in ("fast", "naive"):
+            a = net.sample((4, 5, 4), soft, cond, generator=torch.Generator().manual_seed(0), method=method, temperature=0.9, top_k=5)
+            b = net.sample((4, 5, 4), lab, cond, generator=torch.Generator().manual_seed(0), method=method, temperature=0.9, top_k=5)
+            assert torch.equal(a, b), (dt, method)
+
+
+def test_soft_labels_interpolate_the_class_embeddings():
+    torch.manual_seed(6)
+    net = _as_if_trained(GatedPixelCNN(5, width=8, n_layers=2, n_classes=3).double())
+    lam = 0.3
+    mix = torch.tensor([[lam, 0.0, 1 - lam]], dtype=torch.float64)
+    for layer in net.layers:                                              # lam * e_0 + (1 - lam) * e_2 in every layer
+        want = lam * layer.cond_bias(torch.tensor([0])) + (1 - lam) * layer.cond_bias(torch.tensor([2]))
+        assert torch.allclose(layer.cond_bias(mix), want, atol=1e-12)
+    codes = torch.randint(0, 5, (1, 4, 4))
+    mid, a, b = net(codes, mix), net(codes, torch.tensor([0])), net(codes, torch.tensor([2]))
+    assert (mid - a).abs().min() > 0 and (mid - b).abs().min() > 0
+    ends = [net(codes, torch.tensor([[1.0, 0, 0]], dtype=torch.float64)), net(codes, torch.tensor([[0, 0, 1.0]], dtype=torch.float64))]
+    assert torch.equal(ends[0], a) and torch.equal(ends[1], b)
+    s = [net.sample((64, 4, 4), torch.tensor([[l, 0.0, 1 - l]]).expand(64, 3), generator=torch.Generator().manual_seed(2))
+         for l in (0.0, 0.5, 1.0)]
+    assert not torch.equal(s[1], s[0]) and not torch.equal(s[1], s[2])
+
+
+def test_soft_labels_bad_input_clear_errors():
+    net = GatedPixelCNN(5, width=8, n_layers=2, n_classes=3)
+    codes = torch.zeros(2, 4, 4, dtype=torch.long)
+    cases = [(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), "shape \\(2, 3\\)"),            # wrong number of classes
+             (torch.tensor([[0.5, 0.5, 0.0]]), "shape \\(2, 3\\)"),                     # wrong batch
+             (torch.tensor([[1.5, -0.5, 0.0], [1.0, 0, 0]]), ">= 0"),
+             (torch.tensor([[0.5, 0.6, 0.0], [1.0, 0, 0]]), "sum to 1.*row 0"),
+             (torch.tensor([[1.0, 0, 0], [0.2, 0.2, 0.2]]), "sum to 1.*row 1"),
+             (torch.tensor([[math.nan, 1.0, 0.0], [1.0, 0, 0]]), "finite")]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg): net(codes, bad)
+        with pytest.raises(ValueError, match=msg): net.sample((2, 4, 4), bad)
+    with pytest.raises(TypeError, match="integers"): net(codes, torch.tensor([0.0, 1.0]))   # float (B,): neither kind
+    with pytest.raises(ValueError, match="shape"): net(codes, torch.tensor([[0, 1, 0], [1, 0, 0]]))   # integer (B, n)
+    with pytest.raises(ValueError, match="n_classes=None"): GatedPixelCNN(5, width=8, n_layers=2)(codes, torch.tensor([[1.0, 0, 0]] * 2))
+
+
+# ---------------------------------------------------------------- the long-range source
+def test_row_copy_source():
+    src = RowCopySource(K=4, H=6, W=5, shift=3, eps=0.2)
+    p = torch.tensor([0.8 + 0.05, 0.05, 0.05, 0.05], dtype=torch.float64)
+    assert math.isclose(src.copy_entropy, float(-(p * p.log()).sum()))
+    assert math.isclose(src.entropy_per_code, (3 * math.log(4) + 3 * src.copy_entropy) / 6)
+    x = src.sample(4000, torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 6, 5) and x.dtype == torch.int64 and 0 <= x.min() and x.max() < 4
+    assert abs(float((x[:, 3:] == x[:, :3]).double().mean()) - 0.85) < 0.01          # 1 - eps + eps / K
+    assert abs(float((x[:, 1] == x[:, 0]).double().mean()) - 0.25) < 0.02            # top rows independent
+    z = RowCopySource(3, 4, 4, 2, eps=0.0).sample(50)
+    assert torch.equal(z[:, 2:], z[:, :2]) and RowCopySource(3, 4, 4, 2, eps=0.0).copy_entropy == 0
+    assert math.isclose(RowCopySource(3, 4, 4, 2, eps=1.0).entropy_per_code, math.log(3))
+    for bad in [dict(K=1), dict(shift=0), dict(shift=8), dict(eps=1.5)]:
+        with pytest.raises(ValueError): RowCopySource(**{'K': 4, 'H': 8, 'W': 8, **bad})
