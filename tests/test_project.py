@@ -127,9 +127,9 @@ def test_import_graph_check_can_fail(tmp_path):
     assert _package_imports(p) == {'core', 'data', 'train'}
 
 def test_readme_python_blocks_run_as_written(tmp_path):
-    "Every ```python block of the README runs, in order, in a fresh interpreter (quick configuration, fresh cache)."
+    "Every ```python block of the README runs, in order, in a fresh interpreter (quick configuration, the test cache)."
     blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), flags=re.S)
     assert len(blocks) >= 2
-    env = {**os.environ, 'VQLEARN_MODE': 'quick', 'VQLEARN_CACHE': str(tmp_path / 'cache'), 'MPLBACKEND': 'Agg'}
+    env = {**os.environ, 'VQLEARN_MODE': 'quick', 'MPLBACKEND': 'Agg'}   # $VQLEARN_CACHE: conftest's, or CI's (which the notebooks filled)
     r = subprocess.run([sys.executable, '-c', '\n'.join(blocks)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
