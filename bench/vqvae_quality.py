@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""VQ-VAE reconstruction quality after a fixed CPU (or GPU) time budget.
+"""VQ-VAE and VQ-VAE-2 reconstruction quality after a fixed CPU (or GPU) time budget.
 
-Trains vqlearn's standard-size `VQVAE()` (32x32 -> 8x8 codes, K=512, D=64, 64 channels) on an .npz of images (e.g.
-the 10,000 CIFAR-10 horses and birds), holding out the last `--holdout` images (deterministic), for `--minutes` of
-wall-clock time with `--threads` torch threads, and prints a table: held-out MSE (pixels in [0, 1]), PSNR, code
-perplexity, code usage (fraction of the K codes used over the whole held-out set), steps done and training images/s.
+Trains vqlearn's standard-size `VQVAE()` (32x32 -> 8x8 codes, K=512, D=64, 64 channels) or `VQVAE2()` (the same bottom
+level plus a 4x4 top level with its own 512 codes) on an .npz of images (e.g. the 10,000 CIFAR-10 horses and birds),
+holding out the last `--holdout` images (deterministic), for `--minutes` of wall-clock time with `--threads` torch
+threads, and prints a table: held-out MSE (pixels in [0, 1]), PSNR, commitment loss, and per level the code usage
+(fraction of the K codes used over the whole held-out set) and perplexity, steps done and training images/s.
 
     python bench/vqvae_quality.py --data cifar10-horse-bird-train.npz --minutes 10 --threads 2 \
+        --model vqvae|vqvae2 \                   # or vqvae,vqvae2: both, one after the other, same budget
         --quantizer plain|ema|ema_restart        # or a comma-separated list, run one after the other
 
-It is data + `vqlearn.train.fit` + `vqlearn.vqvae.evaluate_vqvae`, nothing else: `fit(budget_s=...)` stops at the time
+It is data + `vqlearn.train.fit` + `vqlearn.vqvae2.evaluate_vqvae2`, nothing else: `fit(budget_s=...)` stops at the time
 budget and drives the learning-rate schedule (linear warm-up, then cosine to zero) by the elapsed fraction of it, so
 each run ends at the bottom of its schedule whatever throughput the (shared) machine gives it. On the CPU the batches
 are put in channels-last memory order (`fit(batch_tfm=...)`), which is faster for these convolutions.
@@ -28,21 +30,39 @@ import torch
 from vqlearn.core import seed_everything
 from vqlearn.data import DeviceLoader, get_dataset, save_codes
 from vqlearn.train import fit, save_checkpoint
-from vqlearn.vqvae import VQVAE, evaluate_vqvae, extract_codes, vqvae_step
+from vqlearn.vqvae import VQVAE, extract_codes, vqvae_step
+from vqlearn.vqvae2 import VQVAE2, evaluate_vqvae2, extract_codes2, vqvae2_step
 
 CPU_RECIPE = dict(batch_size=8, lr=2e-3, warmup=0.03)  # the 10-minute CPU recipe: Adam, batch 8, 3 % warm-up, cosine
 
-# --model: name -> (build(quantizer) -> model, step function for fit, evaluate(model, data) -> dict). Later lessons'
-# models (e.g. a VQ-VAE-2) are added here.
+# --model: name -> (build(quantizer) -> model, step function for fit, extract(model, data) -> (maps, labels)). Both are
+# measured by `evaluate_vqvae2` (held-out MSE, PSNR, commitment, per-level usage and perplexity; a VQVAE has one level).
 MODELS = {
-    'vqvae': (lambda quantizer: VQVAE(quantizer=quantizer), vqvae_step, lambda m, d: evaluate_vqvae(m, d, batch_size=250)),
+    'vqvae': (lambda quantizer: VQVAE(quantizer=quantizer), vqvae_step,
+              lambda m, d: (lambda c, l: ({'codes': c}, l))(*extract_codes(m, d))),
+    'vqvae2': (lambda quantizer: VQVAE2(quantizer=quantizer), vqvae2_step, extract_codes2),
 }
+
+
+def evaluate(model, data) -> dict:
+    "Held-out MSE, PSNR, commitment and per-level usage/perplexity; plus flat usage/perplexity (the lowest level's)."
+    res = evaluate_vqvae2(model, data, batch_size=250)
+    low = res['levels']['bottom' if 'bottom' in res['levels'] else 'codes']
+    return dict(res, usage=low['usage'], perplexity=low['perplexity'])
+
+
+def _names(arg: str, known) -> list[str]:
+    "The comma-separated names in `arg`, checked against `known`."
+    names = [q.strip() for q in arg.split(',') if q.strip()]
+    bad = [n for n in names if known is not None and n not in known]
+    if bad or not names: raise SystemExit(f"unknown or missing names {bad or arg!r}; choose from {sorted(known)}")
+    return names
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', default='../shared/data/cifar10-horse-bird-train.npz', help='.npz with images (N,H,W,C) uint8 and labels')
-    p.add_argument('--model', default='vqvae', choices=sorted(MODELS), help='which model to train')
+    p.add_argument('--model', default='vqvae', help=f"{' or '.join(sorted(MODELS))}, or a comma-separated list")
     p.add_argument('--minutes', type=float, default=10.0, help='training time budget (wall clock)')
     p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads')
     p.add_argument('--quantizer', default='ema_restart', help="plain, ema, ema_restart, or a comma-separated list")
@@ -53,8 +73,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--save-codes', default=None, help='save the code maps (train + held-out) to this .safetensors prefix')
-    p.add_argument('--ckpt', default=None, help='save the trained model to this path ({q} is replaced by the quantizer); '
-                                                'VQVAE.from_checkpoint(path) reloads it')
+    p.add_argument('--ckpt', default=None, help='save the trained model to this path ({model} and {q} are replaced by the '
+                                                'model and quantizer names); VQVAE.from_checkpoint or VQVAE2.from_checkpoint '
+                                                'reloads it')
     p.add_argument('--json', default=None, help='append the results as JSON lines to this file')
     p.add_argument('--log-every', type=int, default=500, help='steps between logged training records')
     return p.parse_args(argv)
@@ -66,8 +87,8 @@ def channels_last(batch):
     return x.contiguous(memory_format=torch.channels_last), y
 
 
-def run(args, quantizer: str) -> dict:
-    build, step_fn, evaluate = MODELS[args.model]
+def run(args, model_name: str, quantizer: str) -> dict:
+    build, step_fn, extract = MODELS[model_name]
     seed_everything(args.seed)
     ds = get_dataset('npz', root=args.data)
     n = len(ds)
@@ -82,39 +103,46 @@ def run(args, quantizer: str) -> dict:
     if cpu: model = model.to(memory_format=torch.channels_last)
     dl = DeviceLoader(train, batch_size=bs, shuffle=True, flip=True, drop_last=True, device=device, seed=args.seed)
     budget = args.minutes * 60
-    print(f"[{quantizer}] {args.model}: {len(train)} train / {len(valid)} held-out images, batch {bs}, lr {lr}, "
+    tag = f"{model_name}/{quantizer}"
+    print(f"[{tag}] {len(train)} train / {len(valid)} held-out images, batch {bs}, lr {lr}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {torch.get_num_threads()} threads, "
           f"{budget:.0f}s budget", flush=True)
     hist = fit(model, dl, step_fn, budget_s=budget, lr=lr, sched='cosine', warmup=float(warmup), log_every=args.log_every,
                device=device, progress=sys.stderr.isatty(), batch_tfm=channels_last if cpu else None)
-    last = {k: round(hist.last(k), 5) for k in ('mse', 'perplexity', 'usage') if hist[k]}
-    print(f"[{quantizer}] trained {hist.n_steps} steps in {hist.train_s:.0f}s; last logged training values {last}", flush=True)
+    last = {k: round(hist.last(k), 5) for k in ('mse', 'usage', 'top_usage', 'bottom_usage') if hist[k]}
+    print(f"[{tag}] trained {hist.n_steps} steps in {hist.train_s:.0f}s; last logged training values {last}", flush=True)
     res = evaluate(model, valid)
-    res.update(model=args.model, quantizer=quantizer, steps=hist.n_steps, images_per_s=hist.n_steps * bs / max(hist.train_s, 1e-9),
+    res.update(model=model_name, quantizer=quantizer, steps=hist.n_steps, images_per_s=hist.n_steps * bs / max(hist.train_s, 1e-9),
                train_s=hist.train_s, batch_size=bs, lr=lr, warmup=warmup, epochs=hist.n_steps * bs / len(train),
                threads=torch.get_num_threads(), minutes=args.minutes)
-    print(f"[{quantizer}] done: " + json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
+    print(f"[{tag}] done: " + json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
     if args.ckpt:
-        p = save_checkpoint(args.ckpt.replace('{q}', quantizer), model.to(memory_format=torch.contiguous_format),
-                            result=res, history=hist)
-        print(f"[{quantizer}] saved the model to {p}", flush=True)
+        p = save_checkpoint(args.ckpt.replace('{model}', model_name).replace('{q}', quantizer),
+                            model.to(memory_format=torch.contiguous_format), result=res, history=hist)
+        print(f"[{tag}] saved the model to {p}", flush=True)
     if args.save_codes:
+        num_codes = model.num_codes if isinstance(model.num_codes, dict) else {'codes': model.num_codes}
         for part, d in (('train', train), ('test', valid)):
-            c, l = extract_codes(model, d)
-            p = save_codes(f"{args.save_codes}_{quantizer}_{part}.safetensors", {'codes': c}, l, {'codes': model.num_codes},
-                           split=part, code_shape=list(c.shape[1:]), classes=ds.classes, model=model.config, result=res)
-            print(f"[{quantizer}] saved {tuple(c.shape)} codes to {p}", flush=True)
+            maps, l = extract(model, d)
+            p = save_codes(f"{args.save_codes}_{model_name}_{quantizer}_{part}.safetensors", maps, l, num_codes, split=part,
+                           code_shapes={k: list(v.shape[1:]) for k, v in maps.items()}, classes=ds.classes,
+                           model=model.config, result=res)
+            print(f"[{tag}] saved codes {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in maps.items())}}} to {p}", flush=True)
     if args.json:
         with open(args.json, 'a') as f: f.write(json.dumps(res) + '\n')
     return res
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| quantizer | held-out MSE | PSNR (dB) | perplexity | codes used | steps | images/s |",
-            "|---|---|---|---|---|---|---|"]
+    "A markdown table of the runs (quantizer first, then held-out MSE: the layout earlier versions printed)."
+    rows = ["| quantizer | held-out MSE | PSNR (dB) | commitment | codes used | perplexity | steps | images/s | model |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['quantizer']} | {r['mse']:.4f} | {r['psnr']:.2f} | {r['perplexity']:.0f} | "
-                    f"{r['usage']:.1%} | {r['steps']} | {r['images_per_s']:.0f} |")
+        lv = r['levels']
+        rows.append(f"| {r['quantizer']} | {r['mse']:.4f} | {r['psnr']:.2f} | {r['commitment']:.5f} | "
+                    + ', '.join(f"{k} {v['usage']:.1%}" for k, v in lv.items()) + " | "
+                    + ', '.join(f"{k} {v['perplexity']:.0f}" for k, v in lv.items())
+                    + f" | {r['steps']} | {r['images_per_s']:.0f} | {r['model']} |")
     return '\n'.join(rows)
 
 
@@ -123,11 +151,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal floats can slow CPU training many times over
     if not Path(args.data).is_file(): sys.exit(f"no such file: {args.data}")
-    qs = [q.strip() for q in args.quantizer.split(',') if q.strip()]
-    results = [run(args, q) for q in qs]
-    print(f"\n{args.model}, {args.minutes:g} min per run, {args.threads} threads, device {args.device}, "
+    models, qs = _names(args.model, MODELS), _names(args.quantizer, None)
+    if args.ckpt and ((len(models) > 1 and '{model}' not in args.ckpt) or (len(qs) > 1 and '{q}' not in args.ckpt)):
+        sys.exit(f"--ckpt {args.ckpt}: with several models or quantizers, put {{model}} and {{q}} in the path")
+    results = [run(args, m, q) for m in models for q in qs]
+    print(f"\n{', '.join(models)}, {args.minutes:g} min per run, {args.threads} threads, device {args.device}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(table(results))
+    for q in qs:
+        by = {r['model']: r for r in results if r['quantizer'] == q}
+        if 'vqvae' in by and 'vqvae2' in by:
+            print(f"[{q}] vqvae2 / vqvae held-out MSE: {by['vqvae2']['mse'] / by['vqvae']['mse']:.3f}")
     return results
 
 

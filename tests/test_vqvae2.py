@@ -1,0 +1,325 @@
+"Tests of vqlearn.vqvae2: shapes, Algorithm 1's data flow, errors, checkpoints, evaluation, code files, the stage API and the benchmark."
+import math
+import numpy as np
+import pytest, torch
+import torch.nn.functional as F
+import vqlearn.vqvae2 as V2
+from vqlearn.vqvae2 import (VQVAE2, VQVAE2_SETTINGS, LEVELS, level_quantizer, vqvae2_step, evaluate_vqvae2, level_ablation,
+                            train_vqvae2, vqvae2_stage, extract_codes2, codes2_stage)
+from vqlearn.vqvae import VQVAE, VQVAE_SETTINGS, register_quantizer, QUANTIZER_CLASSES
+from vqlearn.quantize import VectorQuantizer, VectorQuantizerEMA
+from vqlearn.data import lesson_data, load_codes, save_codes
+from vqlearn.core import Settings, settings
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return VQVAE2(**{**dict(hidden=16, res_hidden=8, n_res=1, num_codes_top=16, num_codes_bottom=32, dim=8), **kw})
+
+
+def with_prediction(m):
+    "The model with a non-zero top prediction (a fresh model's up-sampler ends in zeros)."
+    torch.manual_seed(1)
+    with torch.no_grad(): torch.nn.init.normal_(m.upsample_top[-1].weight, std=0.3)
+    return m
+
+
+# ---- shapes and the data flow of Algorithm 1 -----------------------------------------------------------------------
+
+@pytest.mark.parametrize('size,top,bottom', [(32, (4, 4), (8, 8)), (64, (8, 8), (16, 16)), ((32, 64), (4, 8), (8, 16))])
+def test_shapes(size, top, bottom):
+    m = small()
+    H, W = (size, size) if isinstance(size, int) else size
+    x = torch.rand(3, 3, H, W)
+    x_hat, qs = m(x)
+    assert x_hat.shape == x.shape and 0 <= x_hat.min() and x_hat.max() <= 1
+    assert set(qs) == set(LEVELS) and qs['top'].codes.shape == (3, *top) and qs['bottom'].codes.shape == (3, *bottom)
+    assert m.code_shapes(size) == {'top': top, 'bottom': bottom} and m.downsample == {'top': 8, 'bottom': 4}
+    codes = m.encode(x)
+    assert {k: v.shape for k, v in codes.items()} == {'top': (3, *top), 'bottom': (3, *bottom)}
+    assert all(v.dtype == torch.int64 for v in codes.values())
+    assert m.decode(**codes).shape == x.shape
+
+
+def test_defaults():
+    m = VQVAE2()
+    assert m.num_codes == {'top': 512, 'bottom': 512} and m.code_shapes(256) == {'top': (32, 32), 'bottom': (64, 64)}
+    for q, after in ((m.quantizer_top, 80), (m.quantizer_bottom, 20)):  # the top sees 4x fewer vectors per batch
+        assert isinstance(q, VectorQuantizerEMA) and q.kmeans_init and q.restart_after == after
+    assert isinstance(VQVAE2(quantizer='plain').quantizer_top, VectorQuantizer)
+
+
+def test_encode_decode_agree_with_forward():
+    m = with_prediction(small()).eval()
+    x = torch.rand(4, 3, 32, 32)
+    x_hat, qs = m(x)
+    codes = m.encode(x)
+    assert all(torch.equal(codes[k], qs[k].codes) for k in LEVELS)
+    assert torch.allclose(m.decode(**codes), x_hat, atol=1e-6)
+
+
+def test_bottom_quantizes_what_the_top_did_not_predict():
+    "h_bottom = E_bottom(x, e_top) = h - p(e_top); the decoder reads p + e_bottom."
+    m = with_prediction(small()).eval()
+    x = torch.rand(2, 3, 32, 32)
+    seen = {}
+    m.quantizer_bottom.register_forward_hook(lambda mod, inp, out: seen.update(z=inp[0]))
+    m.decoder.register_forward_hook(lambda mod, inp, out: seen.update(d=inp[0]))
+    _, qs = m(x)
+    h = m.encoder_bottom(x - 0.5)
+    p = m.upsample_top(m.quantizer_top.lookup(qs['top'].codes))
+    assert p.abs().max() > 1e-3
+    assert torch.allclose(seen['z'], h - p, atol=1e-5)
+    assert torch.allclose(seen['d'], p + m.quantizer_bottom.lookup(qs['bottom'].codes), atol=1e-5)
+
+
+def test_bottom_codes_depend_on_the_top_codes():
+    m = with_prediction(small()).eval()
+    x = torch.rand(8, 3, 32, 32)
+    before = m.encode(x)
+    with torch.no_grad(): m.quantizer_top.embedding.copy_(torch.randn_like(m.quantizer_top.embedding))  # another top codebook
+    after = m.encode(x)
+    assert not torch.equal(before['top'], after['top']) and not torch.equal(before['bottom'], after['bottom'])
+    with torch.no_grad(): m.upsample_top[-1].weight.zero_(); m.upsample_top[-1].bias.zero_()  # a top that predicts nothing:
+    assert torch.equal(m.encode(x)['bottom'], m.quantizer_bottom.quantize(m.encoder_bottom(x - 0.5)))  # bottom = a VQ-VAE's
+
+
+def test_a_fresh_model_is_a_one_level_vqvae():
+    "The up-sampler's last layer starts at zero: the top predicts nothing, so the top codes do not change the image yet."
+    m = small().eval()
+    top = torch.randint(0, 16, (2, 4, 4)); bottom = torch.randint(0, 32, (2, 8, 8))
+    assert torch.equal(m.decode(top, bottom), m.decode(torch.randint(0, 16, (2, 4, 4)), bottom))
+    assert not torch.equal(with_prediction(m).decode(top, bottom), m.decode((top + 1) % 16, bottom))
+
+
+def test_step_trains_every_part_and_adds_the_prediction_loss():
+    m = small(quantizer='plain', predict_weight=0.5)
+    with torch.no_grad(): torch.nn.init.normal_(m.upsample_top[-1].weight, std=0.3)
+    x = torch.rand(4, 3, 32, 32)
+    out = vqvae2_step(m, (x, torch.zeros(4, dtype=torch.long)))
+    assert set(out) >= {'loss', 'mse', 'vq', 'top_perplexity', 'top_usage', 'bottom_perplexity', 'bottom_usage'}
+    out['loss'].backward()
+    for name, part in (('encoder_bottom', m.encoder_bottom), ('encoder_top', m.encoder_top), ('upsample_top', m.upsample_top),
+                       ('decoder', m.decoder)):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in part.parameters()), name
+        assert any(p.grad.abs().sum() > 0 for p in part.parameters()), name
+    # the top level's loss = its quantizer's loss + predict_weight * ||p - sg(h)||^2
+    m.eval()
+    q_top, pred, _ = m.levels(x)
+    h = m.encoder_bottom(x - 0.5)
+    z = m.encoder_top(h); e = m.quantizer_top.lookup(q_top.codes)
+    vq = F.mse_loss(e, z) + 0.25 * F.mse_loss(z, e)
+    assert torch.allclose(q_top.loss, vq + 0.5 * F.mse_loss(pred, h), rtol=1e-4)
+
+
+def test_short_training_reduces_error():
+    torch.manual_seed(0)
+    m = small()
+    x = torch.rand(16, 3, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)  # 8x8 blocks of random colour
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    first = None
+    for _ in range(300):  # the top's prediction loss slows the first steps: 100 steps only take it to 0.75 x
+        out = vqvae2_step(m, x); opt.zero_grad(); out['loss'].backward(); opt.step()
+        first = first or out['mse'].item()
+    assert out['mse'].item() < 0.5 * first
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    m = small()
+    top, bottom = torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 8, 8, dtype=torch.long)
+    with pytest.raises(TypeError, match='floats'): m.encode((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match='floats'): m(torch.zeros(2, 3, 32, 32, dtype=torch.long))
+    with pytest.raises(TypeError): m.encode([[0.0]])
+    with pytest.raises(ValueError, match='B, 3, H, W'): m.encode(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match='B, 3, H, W'): m(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match='divisible by 8'): m.encode(torch.rand(2, 3, 36, 36))  # divisible by 4, not 8
+    with pytest.raises(ValueError, match='empty'): m(torch.rand(0, 3, 32, 32))
+    with pytest.raises(ValueError, match=r'bottom codes must lie in \[0, 31\]'): m.decode(top, torch.full((1, 8, 8), 32))
+    with pytest.raises(ValueError, match=r'top codes must lie in \[0, 15\]'): m.decode(torch.full((1, 4, 4), -1), bottom)
+    with pytest.raises(ValueError, match=r'\(B, 2h, 2w\)'): m.decode(top, bottom[:, :4])
+    with pytest.raises(ValueError, match=r'\(B, 2h, 2w\)'): m.decode(top, torch.zeros(2, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match='B, h, w'): m.decode(top[0], bottom)
+    with pytest.raises(TypeError, match='integers'): m.decode(top.float(), bottom)
+    with pytest.raises(ValueError, match='empty'): m.decode(top[:0], bottom[:0])
+    with pytest.raises(ValueError, match='NaN'): m(torch.full((1, 3, 32, 32), float('nan')))
+    with pytest.raises(ValueError, match='QUANTIZERS|one of'): VQVAE2(quantizer='nope')
+    with pytest.raises(ValueError, match="'top'"): VQVAE2(quantizer={'top': 'ema'})
+    with pytest.raises(ValueError, match='dim'): VQVAE2(dim=16, quantizer={'top': VectorQuantizer(8, 8), 'bottom': 'ema'})
+    with pytest.raises(ValueError, match='n_down'): VQVAE2(n_down=0)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('quantizer', ['ema_restart', 'plain', 'custom'])
+def test_checkpoint_round_trip(tmp_path, quantizer):
+    q = {'top': VectorQuantizerEMA(16, 8, decay=0.9, restart_after=5), 'bottom': 'plain'} if quantizer == 'custom' else quantizer
+    m = small(quantizer=q)
+    m(torch.rand(4, 3, 32, 32))  # a training forward: k-means init / EMA update, so the state is not the initial one
+    p = m.save(tmp_path / 'm.safetensors', note='x')
+    again = VQVAE2.from_checkpoint(p)
+    assert again.config == m.config and not again.training
+    if quantizer == 'custom':
+        assert again.config['quantizer']['top'] == {'class': 'VectorQuantizerEMA', **m.quantizer_top.config}
+        assert again.quantizer_top.decay == 0.9 and isinstance(again.quantizer_bottom, VectorQuantizer)
+    m.eval(); x = torch.rand(2, 3, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(again.encode(x).values(), m.encode(x).values()))
+    assert torch.equal(again(x)[0], m(x)[0])
+    with pytest.raises(ValueError, match='VQVAE2'): VQVAE.from_checkpoint(p)
+
+
+def test_registered_quantizers_plug_in(tmp_path):
+    class HalfDecayEMA(VectorQuantizerEMA):
+        "A later lesson's quantizer."
+    try:
+        register_quantizer(HalfDecayEMA)
+        m = small(quantizer={'top': HalfDecayEMA(16, 8, decay=0.5), 'bottom': {'class': 'HalfDecayEMA', 'num_codes': 32, 'dim': 8}})
+        again = VQVAE2.from_checkpoint(m.save(tmp_path / 'm.safetensors'))
+        assert type(again.quantizer_top) is HalfDecayEMA and type(again.quantizer_bottom) is HalfDecayEMA
+        assert again.num_codes == {'top': 16, 'bottom': 32}
+        assert isinstance(level_quantizer('ema', 7, 3), VectorQuantizerEMA) and level_quantizer('ema', 7, 3).num_codes == 7
+    finally:
+        QUANTIZER_CLASSES.pop('HalfDecayEMA', None)
+    with pytest.raises(ValueError, match='HalfDecayEMA'): VQVAE2.from_checkpoint(tmp_path / 'm.safetensors')
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------------
+
+def test_evaluation_is_the_plain_mean_and_counts_every_code():
+    m = with_prediction(small()).eval()
+    imgs = (torch.rand(10, 3, 32, 32) * 255).to(torch.uint8)
+    res = evaluate_vqvae2(m, imgs, batch_size=3)
+    x = imgs.float() / 255
+    x_hat, qs = m(x)
+    direct = F.mse_loss(x_hat, x).item()
+    assert abs(res['mse'] - direct) < 1e-6 * direct and abs(res['psnr'] - 10 * math.log10(1 / direct)) < 1e-4
+    for k in LEVELS:
+        used = qs[k].codes.unique().numel() / m.num_codes[k]
+        assert res['levels'][k]['usage'] == pytest.approx(used) and res['levels'][k]['num_codes'] == m.num_codes[k]
+        assert res['levels'][k]['commitment'] == pytest.approx(qs[k].commitment_loss.item(), rel=1e-4)
+    assert res['commitment'] == pytest.approx(sum(res['levels'][k]['commitment'] for k in LEVELS))
+    one = evaluate_vqvae2(VQVAE(hidden=16, res_hidden=8, n_res=1, num_codes=32, dim=8), imgs)  # a one-level model too
+    assert set(one['levels']) == {'codes'} and one['levels']['codes']['num_codes'] == 32
+    with pytest.raises(ValueError, match='empty'): evaluate_vqvae2(m, imgs[:0])
+
+
+def test_level_ablation_replaces_one_level_by_its_mean():
+    m = with_prediction(small()).eval()
+    x = torch.rand(12, 3, 32, 32)
+    abl = level_ablation(m, x, batch_size=5)
+    c = m.encode(x)
+    zt, zb = m.quantizer_top.lookup(c['top']), m.quantizer_bottom.lookup(c['bottom'])
+    mt, mb = zt.mean((0, 2, 3), keepdim=True).expand_as(zt), zb.mean((0, 2, 3), keepdim=True).expand_as(zb)
+    assert abl['both'] == pytest.approx(F.mse_loss(m.decode_latents(zt, zb), x).item(), rel=1e-5)
+    assert abl['top_only'] == pytest.approx(F.mse_loss(m.decode_latents(zt, mb), x).item(), rel=1e-5)
+    assert abl['bottom_only'] == pytest.approx(F.mse_loss(m.decode_latents(mt, zb), x).item(), rel=1e-5)
+    assert abl['top_only'] != abl['both'] and abl['bottom_only'] != abl['both']
+
+
+# ---- code files and the stage API ------------------------------------------------------------------------------------
+
+def test_code_files_round_trip(tmp_path):
+    m = with_prediction(small()).eval()
+    x = torch.rand(6, 3, 32, 32)
+    maps, labels = extract_codes2(m, (x, torch.arange(6) % 2), batch_size=4)
+    assert {k: v.shape for k, v in maps.items()} == {'top': (6, 4, 4), 'bottom': (6, 8, 8)} and labels.tolist() == [0, 1] * 3
+    p = save_codes(tmp_path / 'c.safetensors', maps, labels, m.num_codes, classes=['a', 'b'])
+    cm = load_codes(p)
+    assert all(torch.equal(cm.maps[k], maps[k]) for k in LEVELS) and cm.num_codes == {'top': 16, 'bottom': 32}
+    assert torch.equal(m.decode(**cm.maps), m.decode(**m.encode(x)))
+    _, l2 = extract_codes2(m, x)
+    assert (l2 == -1).all()
+    with pytest.raises(ValueError, match='empty'): extract_codes2(m, x[:0])
+
+
+def tiny_settings(**kw):
+    C = settings(**VQVAE2_SETTINGS, mode='quick')
+    C.update(n_train=40, n_test=16, steps=6, log_every=3, warmup=2,
+             model=dict(hidden=16, res_hidden=8, n_res=1, n_res_top=1, num_codes_top=8, num_codes_bottom=16, dim=8))
+    C.update(kw)
+    return C
+
+
+def test_settings_match_lesson_06():
+    assert set(VQVAE2_SETTINGS) == {'quick', 'docs', 'full'}
+    for mode in VQVAE2_SETTINGS:
+        C, C6 = settings(**VQVAE2_SETTINGS, mode=mode), settings(**VQVAE_SETTINGS, mode=mode)
+        same = ('data', 'classes', 'n_train', 'n_test', 'steps', 'batch_size', 'lr', 'warmup', 'flip', 'seed')
+        assert {k: C[k] for k in same} == {k: C6[k] for k in same}, mode  # the same budget and data as lesson 06
+        VQVAE2(**C.model, quantizer=C.quantizer)  # every mode's model can be built
+
+
+def test_stages_are_cached_and_consistent(tmp_path, monkeypatch):
+    C = tiny_settings()
+    calls = []
+    real = V2.train_vqvae2
+    monkeypatch.setattr(V2, 'train_vqvae2', lambda C, device=None: calls.append(1) or real(C, device))
+    ck = vqvae2_stage(C, device='cpu', folder=tmp_path)
+    assert ck.is_file() and calls == [1] and vqvae2_stage(C, device='cpu', folder=tmp_path) == ck and calls == [1]
+    from vqlearn.train import load_checkpoint
+    assert load_checkpoint(ck)['history'].steps_of('mse')[-1] == C.steps
+    model = VQVAE2.from_checkpoint(ck)
+    train, test = lesson_data(C)
+    for split, data in (('train', train), ('test', test)):
+        p = codes2_stage(C, split, device='cpu', folder=tmp_path)
+        cm = load_codes(p)
+        maps, labels = extract_codes2(model, data)
+        assert set(cm.maps) == {'top', 'bottom'} and all(torch.equal(cm.maps[k], maps[k]) for k in LEVELS)
+        assert torch.equal(cm.labels, data.labels) and cm.num_codes == {'top': 8, 'bottom': 16}
+        assert cm.meta['split'] == split and cm.meta['classes'] == data.classes
+        assert cm.meta['code_shapes'] == {'top': [4, 4], 'bottom': [8, 8]}
+    assert calls == [1]
+    assert vqvae2_stage(tiny_settings(lr=1e-3), device='cpu', folder=tmp_path) != ck and calls == [1, 1]
+    with torch.no_grad():  # a new checkpoint under the same name: its codes are made again
+        m = VQVAE2.from_checkpoint(ck); m.quantizer_bottom.embedding.mul_(-1); m.save(ck)
+    before = p.read_bytes()
+    assert codes2_stage(C, 'test', device='cpu', folder=tmp_path) == p and p.read_bytes() != before
+    with pytest.raises(ValueError, match='split'): codes2_stage(C, 'valid', folder=tmp_path)
+    with pytest.raises(KeyError, match='VQVAE2_SETTINGS'): vqvae2_stage({'data': 'shapes'}, folder=tmp_path)
+
+
+def test_train_vqvae2_returns_a_trained_model_and_history():
+    C = tiny_settings()
+    m, hist = train_vqvae2(C, device='cpu')
+    assert isinstance(m, VQVAE2) and not m.training and m.num_codes == {'top': 8, 'bottom': 16}
+    assert hist.steps_of('mse')[-1] == C.steps and hist['top_usage'] and hist['bottom_usage']
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------------------
+
+def _bench(tmp_path, *args):
+    import subprocess, sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / 'bench' / 'vqvae_quality.py'
+    if not (tmp_path / 'imgs.npz').exists():
+        g = np.random.default_rng(0)
+        np.savez(tmp_path / 'imgs.npz', images=g.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), labels=np.arange(40) % 2)
+    libs = [p for p in sys.path if p.endswith('site-packages')]  # -I -S: the installed vqlearn is invisible
+    argv = [str(bench), '--data', 'imgs.npz', '--threads', '1', '--holdout', '8', '--log-every', '5', *args]
+    code = f"import sys, runpy; sys.path += {libs!r}; sys.argv = {argv!r}; runpy.run_path({str(bench)!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, '-I', '-S', '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin'})
+
+
+def test_benchmark_trains_vqvae2_and_saves_a_checkpoint_that_reloads(tmp_path):
+    out = _bench(tmp_path, '--minutes', '0.02', '--model', 'vqvae2', '--ckpt', 'm_{model}_{q}.safetensors')
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [l for l in out.stdout.splitlines() if l.startswith('| ema_restart |')][0].split('|')
+    assert row[9].strip() == 'vqvae2' and 'top' in row[5] and 'bottom' in row[5]
+    m = VQVAE2.from_checkpoint(tmp_path / 'm_vqvae2_ema_restart.safetensors')
+    assert m.config == VQVAE2().config
+    valid = torch.from_numpy(np.load(tmp_path / 'imgs.npz')['images'][32:]).permute(0, 3, 1, 2)
+    res = evaluate_vqvae2(m, valid)
+    assert row[2].strip() == f"{res['mse']:.4f}"  # the reloaded model scores what the benchmark printed
+    assert row[5].strip() == ', '.join(f"{k} {v['usage']:.1%}" for k, v in res['levels'].items())
+
+
+def test_benchmark_runs_both_models_in_one_invocation(tmp_path):
+    bad = _bench(tmp_path, '--minutes', '0.01', '--model', 'vqvae,vqvae2', '--ckpt', 'm.safetensors')
+    assert bad.returncode != 0 and '{model}' in bad.stderr
+    assert _bench(tmp_path, '--minutes', '0.01', '--model', 'vqvae3').returncode != 0
+    out = _bench(tmp_path, '--minutes', '0.01', '--model', 'vqvae,vqvae2')
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [l.split('|') for l in out.stdout.splitlines() if l.startswith('| ema_restart |')]
+    assert [r[9].strip() for r in rows] == ['vqvae', 'vqvae2'] and 'vqvae2 / vqvae held-out MSE' in out.stdout
