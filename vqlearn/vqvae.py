@@ -17,7 +17,7 @@ from .train import History, fit, save_checkpoint
 # %% auto #0
 __all__ = ['VQVAE_SETTINGS', 'QUANTIZERS', 'QUANTIZER_CLASSES', 'VQVAE_STAGE_KEYS', 'ResBlock', 'make_encoder', 'make_decoder',
            'register_quantizer', 'quantizer_spec', 'build_quantizer', 'VQVAE', 'vqvae_step', 'evaluate_vqvae',
-           'train_vqvae', 'vqvae_stage', 'extract_codes', 'codes_stage']
+           'train_vqvae', 'model_stage', 'vqvae_stage', 'extract_codes', 'code_file_stage', 'codes_stage']
 
 # %% ../nbs/06_vqvae.ipynb #eb2d23a2
 _VQVAE_COMMON = dict(quantizer='ema_restart', flip=True, seed=0, min_usage=0.5)
@@ -215,12 +215,17 @@ def train_vqvae(C: dict, device=None) -> tuple[VQVAE, History]:
 VQVAE_STAGE_KEYS = ('data', 'classes', 'n_train', 'n_test', 'model', 'quantizer', 'steps', 'batch_size', 'lr', 'warmup',
                     'flip', 'seed')  # the settings the trained model depends on (not the thresholds of the checks)
 
+def model_stage(name: str, cls: type, train_fn, C: dict, start_from: str, device=None, folder=None) -> Path:
+    "Path of the `cls` checkpoint `name` trained by `train_fn(C, device)`: from the cache, or made now."
+    cfg = stage_settings(C, VQVAE_STAGE_KEYS, start_from)
+    def make(path):
+        model, hist = train_fn(C, device)
+        save_checkpoint(path, model, settings=cfg, history=hist)
+    return cached(name, make, cfg, check=cls.from_checkpoint, folder=folder)
+
 def vqvae_stage(C: dict, device=None, folder=None) -> Path:
     "Path of the VQ-VAE checkpoint trained with settings `C`: from the cache, or made now by `train_vqvae(C, device)`."
-    def make(path):
-        model, hist = train_vqvae(C, device)
-        save_checkpoint(path, model, settings=stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE_SETTINGS'), history=hist)
-    return cached('vqvae', make, stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE_SETTINGS'), check=VQVAE.from_checkpoint, folder=folder)
+    return model_stage('vqvae', VQVAE, train_vqvae, C, 'VQVAE_SETTINGS', device, folder)
 
 # %% ../nbs/06_vqvae.ipynb #7c4156fe
 @torch.no_grad()
@@ -241,18 +246,29 @@ def _file_digest(path: str | os.PathLike) -> str:
     "SHA-1 of a file's bytes."
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
-def codes_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path:
-    "Path of the code file of the `split` ('train' or 'test') images of settings `C`, encoded by `vqvae_stage(C)`'s model."
+def code_file_stage(name: str, cls: type, ckpt_fn, encode, C: dict, split: str, start_from: str, device=None,
+                    folder=None) -> Path:
+    """Path of the code file of the `split` ('train' or 'test') images of settings `C`, encoded by the `cls` checkpoint
+    `ckpt_fn()` returns; `encode(model, data)` gives (maps, labels, num_codes, meta). Remade when the checkpoint changes."""
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
     def check(path):
-        if load_codes(path).meta.get('vqvae_sha1') != _file_digest(vqvae_stage(C, device, folder)):
-            raise ValueError(f"{path} holds the codes of another VQ-VAE checkpoint")
+        if load_codes(path).meta.get(f'{name}_sha1') != _file_digest(ckpt_fn()):
+            raise ValueError(f"{path} holds the codes of another {cls.__name__} checkpoint")
     def make(path):
-        ckpt = vqvae_stage(C, device, folder)
-        model = VQVAE.from_checkpoint(ckpt, device=device)
+        ckpt = ckpt_fn()
+        model = cls.from_checkpoint(ckpt, device=device)
         train, test = lesson_data(C)
         data = train if split == 'train' else test
-        codes, labels = extract_codes(model, data)
-        save_codes(path, {'codes': codes}, labels, {'codes': model.num_codes}, split=split, classes=data.classes,
-                   code_shape=list(codes.shape[1:]), vqvae=ckpt.name, vqvae_sha1=_file_digest(ckpt), model=model.config)
-    return cached(f'vqvae-codes-{split}', make, stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE_SETTINGS'), check=check, folder=folder)
+        maps, labels, num_codes, meta = encode(model, data)
+        save_codes(path, maps, labels, num_codes, split=split, classes=data.classes, **meta,
+                   **{name: ckpt.name, f'{name}_sha1': _file_digest(ckpt)}, model=model.config)
+    return cached(f'{name}-codes-{split}', make, stage_settings(C, VQVAE_STAGE_KEYS, start_from), check=check, folder=folder)
+
+def _encode_codes(model: VQVAE, data):
+    codes, labels = extract_codes(model, data)
+    return {'codes': codes}, labels, {'codes': model.num_codes}, dict(code_shape=list(codes.shape[1:]))
+
+def codes_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path:
+    "Path of the code file of the `split` ('train' or 'test') images of settings `C`, encoded by `vqvae_stage(C)`'s model."
+    return code_file_stage('vqvae', VQVAE, lambda: vqvae_stage(C, device, folder), _encode_codes, C, split,
+                           'VQVAE_SETTINGS', device, folder)

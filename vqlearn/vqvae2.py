@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import Checkpointable, Settings, cached, eval_mode, get_device, model_device, seed_everything
+from .core import Checkpointable, Settings, eval_mode, get_device, model_device, seed_everything
 from .quantize import VQOutput, code_stats
-from .data import DeviceLoader, image_batches, lesson_data, load_codes, save_codes, stage_settings
-from .train import History, fit, save_checkpoint
-from .vqvae import (QUANTIZERS, VQVAE_STAGE_KEYS, build_quantizer, make_decoder, make_encoder, quantizer_spec,
-                           _file_digest)
+from .data import DeviceLoader, image_batches, lesson_data
+from .train import History, fit
+from .vqvae import (QUANTIZERS, build_quantizer, code_file_stage, make_decoder, make_encoder, model_stage,
+                           quantizer_spec)
 
 # %% auto #0
 __all__ = ['VQVAE2_SETTINGS', 'LEVELS', 'level_quantizer', 'VQVAE2', 'vqvae2_step', 'evaluate_vqvae2', 'train_vqvae2',
@@ -220,10 +220,7 @@ def train_vqvae2(C: dict, device=None) -> tuple[VQVAE2, History]:
 
 def vqvae2_stage(C: dict, device=None, folder=None) -> Path:
     "Path of the VQ-VAE-2 checkpoint trained with settings `C`: from the cache, or made now by `train_vqvae2(C, device)`."
-    def make(path):
-        model, hist = train_vqvae2(C, device)
-        save_checkpoint(path, model, settings=stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE2_SETTINGS'), history=hist)
-    return cached('vqvae2', make, stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE2_SETTINGS'), check=VQVAE2.from_checkpoint, folder=folder)
+    return model_stage('vqvae2', VQVAE2, train_vqvae2, C, 'VQVAE2_SETTINGS', device, folder)
 
 # %% ../nbs/09_vqvae2.ipynb #22cab14b
 @torch.no_grad()
@@ -261,19 +258,11 @@ def extract_codes2(model: VQVAE2, data, batch_size: int = 256, device=None) -> t
     if not labels: raise ValueError("no images to encode: `data` is empty")
     return {k: torch.cat(v).long() for k, v in maps.items()}, torch.cat(labels).long()
 
+def _encode_codes2(model: VQVAE2, data):
+    maps, labels = extract_codes2(model, data)
+    return maps, labels, model.num_codes, dict(code_shapes={k: list(v.shape[1:]) for k, v in maps.items()})
+
 def codes2_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path:
     "Path of the code file ({'top', 'bottom'} maps) of the `split` ('train' or 'test') images, encoded by `vqvae2_stage(C)`'s model."
-    if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    def check(path):
-        if load_codes(path).meta.get('vqvae2_sha1') != _file_digest(vqvae2_stage(C, device, folder)):
-            raise ValueError(f"{path} holds the codes of another VQ-VAE-2 checkpoint")
-    def make(path):
-        ckpt = vqvae2_stage(C, device, folder)
-        model = VQVAE2.from_checkpoint(ckpt, device=device)
-        train, test = lesson_data(C)
-        data = train if split == 'train' else test
-        maps, labels = extract_codes2(model, data)
-        save_codes(path, maps, labels, model.num_codes, split=split, classes=data.classes,
-                   code_shapes={k: list(v.shape[1:]) for k, v in maps.items()}, vqvae2=ckpt.name,
-                   vqvae2_sha1=_file_digest(ckpt), model=model.config)
-    return cached(f'vqvae2-codes-{split}', make, stage_settings(C, VQVAE_STAGE_KEYS, 'VQVAE2_SETTINGS'), check=check, folder=folder)
+    return code_file_stage('vqvae2', VQVAE2, lambda: vqvae2_stage(C, device, folder), _encode_codes2, C, split,
+                           'VQVAE2_SETTINGS', device, folder)
