@@ -8,7 +8,8 @@ threads, and prints a table: held-out MSE (pixels in [0, 1]), PSNR, commitment l
 (fraction of the K codes used over the whole held-out set) and perplexity, steps done and training images/s.
 
     python bench/vqvae_quality.py --data cifar10-horse-bird-train.npz --minutes 10 --threads 2 \
-        --model vqvae|vqvae2 \                   # or vqvae,vqvae2: both, one after the other, same budget
+        --model vqvae|vqvae2 \                   # or vqvae,vqvae2: both, one after the other, same budget;
+                                                 # options as in vqvae2:num_codes_bottom=2048 go to the constructor
         --quantizer plain|ema|ema_restart        # or a comma-separated list, run one after the other
 
 It is data + `vqlearn.train.fit` + `vqlearn.vqvae2.evaluate_vqvae2`, nothing else: `fit(budget_s=...)` stops at the time
@@ -38,9 +39,9 @@ CPU_RECIPE = dict(batch_size=8, lr=2e-3, warmup=0.03)  # the 10-minute CPU recip
 # --model: name -> (build(quantizer) -> model, step function for fit, extract(model, data) -> (maps, labels)). Both are
 # measured by `evaluate_vqvae2` (held-out MSE, PSNR, commitment, per-level usage and perplexity; a VQVAE has one level).
 MODELS = {
-    'vqvae': (lambda quantizer: VQVAE(quantizer=quantizer), vqvae_step,
+    'vqvae': (lambda quantizer, **kw: VQVAE(quantizer=quantizer, **kw), vqvae_step,
               lambda m, d: (lambda c, l: ({'codes': c}, l))(*extract_codes(m, d))),
-    'vqvae2': (lambda quantizer: VQVAE2(quantizer=quantizer), vqvae2_step, extract_codes2),
+    'vqvae2': (lambda quantizer, **kw: VQVAE2(quantizer=quantizer, **kw), vqvae2_step, extract_codes2),
 }
 
 
@@ -51,10 +52,21 @@ def evaluate(model, data) -> dict:
     return dict(res, usage=low['usage'], perplexity=low['perplexity'])
 
 
+def model_spec(name: str) -> tuple[str, dict]:
+    "'vqvae2' -> ('vqvae2', {}); 'vqvae2:num_codes_bottom=2048:hidden=96' -> ('vqvae2', {'num_codes_bottom': 2048, 'hidden': 96})."
+    base, *opts = name.split(':')
+    kw = {}
+    for o in opts:
+        k, sep, v = o.partition('=')
+        if not sep: raise SystemExit(f"model option {o!r} in {name!r} is not key=value")
+        kw[k] = json.loads(v) if v[:1] in '-0123456789[{tf' else v
+    return base, kw
+
+
 def _names(arg: str, known) -> list[str]:
-    "The comma-separated names in `arg`, checked against `known`."
+    "The comma-separated names in `arg`, checked against `known` (model names may carry ':key=value' options)."
     names = [q.strip() for q in arg.split(',') if q.strip()]
-    bad = [n for n in names if known is not None and n not in known]
+    bad = [n for n in names if known is not None and model_spec(n)[0] not in known]
     if bad or not names: raise SystemExit(f"unknown or missing names {bad or arg!r}; choose from {sorted(known)}")
     return names
 
@@ -88,7 +100,8 @@ def channels_last(batch):
 
 
 def run(args, model_name: str, quantizer: str) -> dict:
-    build, step_fn, extract = MODELS[model_name]
+    base, kw = model_spec(model_name)
+    build, step_fn, extract = MODELS[base]
     seed_everything(args.seed)
     ds = get_dataset('npz', root=args.data)
     n = len(ds)
@@ -98,7 +111,7 @@ def run(args, model_name: str, quantizer: str) -> dict:
     lr = args.lr or CPU_RECIPE['lr']
     warmup = CPU_RECIPE['warmup'] if args.warmup is None else args.warmup
     device = torch.device(args.device)
-    model = build(quantizer).to(device)
+    model = build(quantizer, **kw).to(device)
     cpu = device.type == 'cpu'
     if cpu: model = model.to(memory_format=torch.channels_last)
     dl = DeviceLoader(train, batch_size=bs, shuffle=True, flip=True, drop_last=True, device=device, seed=args.seed)
@@ -159,9 +172,9 @@ def main(argv=None):
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(table(results))
     for q in qs:
-        by = {r['model']: r for r in results if r['quantizer'] == q}
-        if 'vqvae' in by and 'vqvae2' in by:
-            print(f"[{q}] vqvae2 / vqvae held-out MSE: {by['vqvae2']['mse'] / by['vqvae']['mse']:.3f}")
+        runs = [r for r in results if r['quantizer'] == q]
+        if len(runs) > 1:
+            print(f"[{q}] held-out MSE / {runs[0]['model']}'s: " + ', '.join(f"{r['model']} {r['mse'] / runs[0]['mse']:.3f}" for r in runs[1:]))
     return results
 
 

@@ -14,7 +14,7 @@ from vqlearn.core import Settings, settings
 
 def small(**kw):
     torch.manual_seed(0)
-    return VQVAE2(**{**dict(hidden=16, res_hidden=8, n_res=1, num_codes_top=16, num_codes_bottom=32, dim=8), **kw})
+    return VQVAE2(**{**dict(hidden=16, res_hidden=8, n_res=1, n_res_top=1, num_codes_top=16, num_codes_bottom=32, dim=8), **kw})
 
 
 def with_prediction(m):
@@ -322,4 +322,156 @@ def test_benchmark_runs_both_models_in_one_invocation(tmp_path):
     out = _bench(tmp_path, '--minutes', '0.01', '--model', 'vqvae,vqvae2')
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [l.split('|') for l in out.stdout.splitlines() if l.startswith('| ema_restart |')]
-    assert [r[9].strip() for r in rows] == ['vqvae', 'vqvae2'] and 'vqvae2 / vqvae held-out MSE' in out.stdout
+    assert [r[9].strip() for r in rows] == ['vqvae', 'vqvae2'] and "held-out MSE / vqvae's: vqvae2" in out.stdout
+
+
+def test_benchmark_model_options_reach_the_constructor(tmp_path):
+    assert _bench(tmp_path, '--minutes', '0.01', '--model', 'vqvae2:num_codes_bottom').returncode != 0   # not key=value
+    out = _bench(tmp_path, '--minutes', '0.01', '--model', 'vqvae2:num_codes_bottom=64:hidden=32', '--ckpt', 'm.safetensors')
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = VQVAE2.from_checkpoint(tmp_path / 'm.safetensors').config
+    assert (cfg['num_codes_bottom'], cfg['hidden'], cfg['num_codes_top']) == (64, 32, 512)
+
+
+# ---- the two-level prior (Algorithm 2) ------------------------------------------------------------------------------
+
+from vqlearn.vqvae2 import (HierarchicalPrior, prior2_step, evaluate_prior2, fit_prior2, train_prior2, prior2_stage,
+                            sample_images2, PRIOR2_STAGE_KEYS)
+
+
+def tiny_prior(**kw):
+    torch.manual_seed(0)
+    return HierarchicalPrior(**{**dict(num_codes_top=6, num_codes_bottom=12, n_classes=2, width=16, n_layers=2,
+                                       cond_channels=8), **kw})
+
+
+def copied_maps(n=256, seed=0):
+    "Top maps (n, 2, 2) uniform over 6 codes; each bottom code is a fixed function of its parent top code and its place."
+    g = torch.Generator().manual_seed(seed)
+    top = torch.randint(6, (n, 2, 2), generator=g)
+    up = top.repeat_interleave(2, 1).repeat_interleave(2, 2)                 # (n, 4, 4): the parent of each position
+    place = (torch.arange(4)[:, None] % 2) * 2 + torch.arange(4)[None] % 2   # 0..3 within the parent
+    return {'top': top, 'bottom': (up * 2 + place) % 12}, torch.randint(2, (n,), generator=g)
+
+
+def test_prior_shapes_and_logits():
+    hp = tiny_prior()
+    maps, y = copied_maps(4)
+    logits = hp(maps['top'], maps['bottom'], y)
+    assert logits['top'].shape == (4, 6, 2, 2) and logits['bottom'].shape == (4, 12, 4, 4)
+    nll = hp.nll(maps['top'], maps['bottom'], y)
+    assert torch.allclose(nll['bottom'], F.cross_entropy(logits['bottom'], maps['bottom']))
+    assert hp.condition(maps['top']).shape == (4, 8, 4, 4)
+
+
+def test_bottom_prior_learns_the_top_condition():
+    "Bottom codes are a function of the top: the conditional prior learns them; the wrong top codes make it wrong."
+    maps, y = copied_maps()
+    hp = tiny_prior()
+    hist = fit_prior2(hp, maps, y, steps=150, batch_size=32, lr=1e-2, progress=False)
+    test, yt = copied_maps(128, seed=1)
+    ev = evaluate_prior2(hp, test, yt)
+    assert ev['bottom'] < 0.2 and ev['top'] > math.log(6) - 0.05   # bottom: nearly known; top: drawn uniformly, nothing to learn
+    assert hist['bottom_nll'][-1] < 0.3 * hist['bottom_nll'][0]
+    wrong = evaluate_prior2(hp, {'top': test['top'].roll(1, 0), 'bottom': test['bottom']}, yt)
+    assert wrong['bottom'] > 1.0
+    n_top, n_bottom = test['top'].numel() / len(yt), test['bottom'].numel() / len(yt)   # codes per image
+    assert math.isclose(ev['bits_per_dim'], (ev['top'] * n_top + ev['bottom'] * n_bottom) / (math.log(2) * 3 * 32 * 32), rel_tol=1e-9)
+
+
+def test_prior_sampling_fast_equals_naive_and_respects_the_condition():
+    maps, y = copied_maps()
+    hp = tiny_prior()
+    fit_prior2(hp, maps, y, steps=150, batch_size=32, lr=1e-2, progress=False)
+    lab = torch.tensor([0, 1, 0, 1, 1, 0])
+    fast = hp.sample(6, (2, 2), lab, generator=torch.Generator().manual_seed(3))
+    naive = hp.sample(6, (2, 2), lab, generator=torch.Generator().manual_seed(3), method='naive')
+    assert all(torch.equal(fast[k], naive[k]) for k in ('top', 'bottom'))
+    assert fast['top'].shape == (6, 2, 2) and fast['bottom'].shape == (6, 4, 4)
+    want = (fast['top'].repeat_interleave(2, 1).repeat_interleave(2, 2) * 2
+                                 + (torch.arange(4)[:, None] % 2) * 2 + torch.arange(4)[None] % 2) % 12
+    assert (fast['bottom'] == want).float().mean() > 0.9    # sampled bottoms follow their sampled tops
+    cold = hp.sample(2, (2, 2), torch.tensor([0, 1]), temperature=(1.0, 0.0), generator=torch.Generator().manual_seed(0))
+    assert cold['bottom'].shape == (2, 4, 4)
+
+
+def test_prior_errors():
+    hp = tiny_prior()
+    maps, y = copied_maps(4)
+    with pytest.raises(ValueError, match=r'\(4, 4, 4\)'): hp.nll(maps['top'], maps['bottom'][:, :2], y)
+    with pytest.raises(TypeError, match='integer'): hp.nll(maps['top'].float(), maps['bottom'], y)
+    with pytest.raises(ValueError, match=r'\[0, 5\]'): hp.nll(maps['top'] + 6, maps['bottom'], y)
+    with pytest.raises(ValueError, match='class-conditional'): hp.nll(maps['top'], maps['bottom'])
+    with pytest.raises(ValueError, match='class-conditional'): evaluate_prior2(hp, maps)
+    with pytest.raises(ValueError, match='fewer than one batch'): fit_prior2(hp, maps, y, steps=1, batch_size=8)
+    with pytest.raises(ValueError, match='cond_channels'): HierarchicalPrior(4, 4, cond_channels=0)
+    with pytest.raises(ValueError, match='codebooks'): sample_images2(hp, small(), 2, torch.tensor([0, 1]))
+
+
+def test_prior_checkpoint_roundtrip_and_decoding(tmp_path):
+    hp = tiny_prior(attn_every=1)
+    hp.save(tmp_path / 'p.safetensors')
+    back = HierarchicalPrior.from_checkpoint(tmp_path / 'p.safetensors')
+    maps, y = copied_maps(4)
+    with torch.no_grad(): a, b = hp.eval()(maps['top'], maps['bottom'], y), back(maps['top'], maps['bottom'], y)
+    assert all(torch.equal(a[k], b[k]) for k in a) and back.config == hp.config and back.top.attn_layers == [0, 1]
+    m = small(num_codes_top=6, num_codes_bottom=12).eval()
+    codes, imgs = sample_images2(hp, m, 3, torch.tensor([0, 1, 1]), image_size=16, generator=torch.Generator().manual_seed(0))
+    assert codes['top'].shape == (3, 2, 2) and imgs.shape == (3, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
+    with torch.no_grad(): assert torch.allclose(imgs, m.decode(**codes).clamp(0, 1))
+
+
+def test_prior2_stage_is_cached_and_keyed_by_the_prior_settings(tmp_path):
+    C = settings(**VQVAE2_SETTINGS, mode='quick')
+    C = Settings({**C, 'n_train': 64, 'n_test': 16, 'steps': 6, 'warmup': 0, 'log_every': 2,
+                  'prior': dict(C.prior, steps=4, batch_size=16, width=8, n_layers=1)})
+    p = prior2_stage(C, folder=tmp_path)
+    assert prior2_stage(C, folder=tmp_path) == p and p.stat().st_mtime == prior2_stage(C, folder=tmp_path).stat().st_mtime
+    prior = HierarchicalPrior.from_checkpoint(p)
+    codes = load_codes(codes2_stage(C, 'train', folder=tmp_path))
+    assert prior.num_codes == codes.num_codes and prior.n_classes == len(codes.meta['classes'])
+    C2 = Settings({**C, 'prior': dict(C.prior, width=12)})
+    assert prior2_stage(C2, folder=tmp_path) != p and HierarchicalPrior.from_checkpoint(prior2_stage(C2, folder=tmp_path)).config['width'] == 12
+    assert set(PRIOR2_STAGE_KEYS) >= {'prior', 'model', 'steps'}
+
+
+# ---- KaoKore: the full configuration's other dataset, on a fake copy --------------------------------------------------
+
+def fake_kaokore(root, n=30, size=64):
+    "A folder in the official KaoKore layout (labels.csv + images_256/), with n small coloured faces."
+    from PIL import Image
+    (root / 'images_256').mkdir(parents=True)
+    g = np.random.default_rng(0)
+    rows = ['image,gender,status,set']
+    for i in range(n):
+        img = np.full((size, size, 3), g.integers(0, 256, 3), np.uint8)
+        img[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = g.integers(0, 256, 3)
+        Image.fromarray(img).save(root / 'images_256' / f'{i:08d}.jpg')
+        rows.append(f'{i:08d}.jpg,{i % 2},{i % 4},{"test" if i % 5 == 0 else "train"}')
+    (root / 'labels.csv').write_text('\n'.join(rows) + '\n')
+
+
+def test_kaokore_comparison_path_on_a_fake_folder(tmp_path):
+    "The lesson's KaoKore settings: official splits, 64-px images (8x8 top, 16x16 bottom maps), both models train and are measured."
+    from vqlearn.vqvae import train_vqvae
+    fake_kaokore(tmp_path / 'kk')
+    base = settings(**VQVAE2_SETTINGS, mode='quick')
+    C = Settings({**base, **V2.VQVAE2_KAOKORE, 'root': str(tmp_path / 'kk'), 'steps': 3, 'warmup': 0, 'log_every': 1})
+    train, test = lesson_data(C)
+    assert (len(train), len(test)) == (24, 6) and train.image_shape == (3, 64, 64) and train.classes == ['noble', 'warrior', 'incarnation', 'commoner']
+    m2, hist = train_vqvae2(C)
+    assert hist.n_steps == 3
+    codes = m2.encode((test.images.float() / 255))
+    assert codes['top'].shape == (6, 8, 8) and codes['bottom'].shape == (6, 16, 16)
+    C1 = Settings({**settings(**VQVAE_SETTINGS, mode='quick'), **V2.VQVAE2_KAOKORE, 'root': str(tmp_path / 'kk'), 'steps': 3, 'warmup': 0, 'log_every': 1})
+    m1, _ = train_vqvae(C1)
+    r1, r2 = evaluate_vqvae2(m1, test), evaluate_vqvae2(m2, test)
+    assert set(r2['levels']) == {'top', 'bottom'} and set(r1['levels']) == {'codes'} and r1['mse'] > 0 and r2['mse'] > 0
+    assert stage_settings_has_root(C)
+
+
+def stage_settings_has_root(C):
+    from vqlearn.data import stage_settings
+    from vqlearn.vqvae import VQVAE_STAGE_KEYS
+    cfg = stage_settings(C, VQVAE_STAGE_KEYS)
+    return cfg['root'] == C.root and cfg['size'] == 64 and cfg['label'] == 'status' and 'npz' not in cfg

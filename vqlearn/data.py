@@ -15,10 +15,10 @@ from .core import Settings, get_device, save_tensors, load_tensors
 
 # %% auto #0
 __all__ = ['SHAPES', 'CIFAR10_CLASSES', 'STL10_CLASSES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'CODES_FORMAT',
-           'ArrayDataset', 'make_shapes', 'data_root', 'check_classes', 'select_classes', 'resize_images', 'load_npz',
-           'load_folder', 'load_cifar10', 'load_stl10', 'download_kaokore', 'KaoKore', 'get_dataset', 'split_dataset',
-           'epoch_generator', 'DeviceLoader', 'get_loader', 'loader_throughput', 'image_batches', 'CodeMaps',
-           'save_codes', 'load_codes', 'lesson_data', 'stage_settings']
+           'DATA_KEYS', 'ArrayDataset', 'make_shapes', 'data_root', 'check_classes', 'select_classes', 'resize_images',
+           'load_npz', 'load_folder', 'load_cifar10', 'load_stl10', 'download_kaokore', 'KaoKore', 'get_dataset',
+           'split_dataset', 'epoch_generator', 'DeviceLoader', 'get_loader', 'loader_throughput', 'image_batches',
+           'CodeMaps', 'save_codes', 'load_codes', 'lesson_data', 'stage_settings']
 
 # %% ../nbs/01_data.ipynb #651dee88
 def _is_integer(t: torch.Tensor) -> bool:
@@ -530,22 +530,34 @@ def load_codes(path: str | os.PathLike) -> CodeMaps:
 
 # %% ../nbs/01_data.ipynb #78bf8e9a
 def lesson_data(C: dict) -> tuple[ArrayDataset, ArrayDataset]:
-    "(train, test) images of a lesson's settings `C` (data, classes, n_train, n_test, seed, size); real images from `$VQLEARN_NPZ` if set."
+    """(train, test) images of a lesson's settings `C` (data, classes, n_train, n_test, seed, size; `root` and `label` for
+    'kaokore', `root` for 'folder'), in memory. CIFAR-10 comes from `$VQLEARN_NPZ` (a tenth held out) if it is set."""
     C = Settings(C)
     size, classes, seed = C.get('size'), C.get('classes'), C.get('seed', 0)
     if C.data == 'shapes':
         return (get_dataset('shapes', n=C.n_train, seed=seed, size=size, classes=classes),
                 get_dataset('shapes', train=False, n=C.n_test, seed=seed, size=size, classes=classes))
     npz = os.environ.get('VQLEARN_NPZ')
-    if npz: train, test = split_dataset(get_dataset('npz', root=npz, classes=classes, size=size), valid_frac=0.1, seed=seed)
-    else: train, test = (get_dataset(C.data, train=t, classes=classes, size=size) for t in (True, False))
+    if C.data == 'kaokore':  # the official train and test splits, loaded into memory
+        kw = dict(classes=classes, size=size, root=C.get('root'), label=C.get('label') or 'status')
+        train, test = (ArrayDataset.from_dataset(get_dataset('kaokore', train=s, **kw)) for s in ('train', 'test'))
+    elif C.data == 'folder':  # no official split: a tenth held out
+        if not C.get('root'): raise ValueError("data='folder' needs root= (a folder with one sub-folder of images per class)")
+        ds = ArrayDataset.from_dataset(get_dataset('folder', root=C.root, classes=classes, size=size))
+        train, test = split_dataset(ds, valid_frac=0.1, seed=seed)
+    elif npz and C.data == 'cifar10':
+        train, test = split_dataset(get_dataset('npz', root=npz, classes=classes, size=size), valid_frac=0.1, seed=seed)
+    else: train, test = (get_dataset(C.data, train=t, classes=classes, size=size, root=C.get('root')) for t in (True, False))
     take = lambda ds, n: ds if n is None or n >= len(ds) else ds.subset(torch.arange(n))
     return take(train, C.get('n_train')), take(test, C.get('n_test'))
 
+DATA_KEYS = ('size', 'label', 'root')  # settings that change a lesson's images when they are set
+
 def stage_settings(C: dict, keys: tuple[str, ...], start_from: str = 'the lesson settings') -> dict:
-    "The part of settings `C` an artifact depends on: `keys`, plus the `.npz` the real images came from."
+    "The part of settings `C` an artifact depends on: `keys`, the image settings in `DATA_KEYS` that are set, and the `.npz` the real images came from."
     missing = [k for k in keys if k not in C]
     if missing: raise KeyError(f"the settings lack {missing}; start from {start_from}")
     cfg = {k: C[k] for k in keys}
-    if C.get('data') != 'shapes': cfg['npz'] = os.environ.get('VQLEARN_NPZ')
+    cfg.update({k: C[k] for k in DATA_KEYS if C.get(k) is not None and k not in cfg})
+    if C.get('data') == 'cifar10': cfg['npz'] = os.environ.get('VQLEARN_NPZ')
     return cfg

@@ -9,33 +9,42 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import Checkpointable, Settings, eval_mode, get_device, model_device, seed_everything
+from .core import Checkpointable, Settings, cached, eval_mode, get_device, model_device, seed_everything
 from .quantize import VQOutput, code_stats
-from .data import DeviceLoader, image_batches, lesson_data
-from .train import History, fit
+from .data import DeviceLoader, image_batches, lesson_data, load_codes, stage_settings
+from .pixelcnn import GatedPixelCNN
+from .train import History, fit, save_checkpoint
 from .vqvae import (QUANTIZERS, build_quantizer, code_file_stage, make_decoder, make_encoder, model_stage,
-                           quantizer_spec)
+                           quantizer_spec, VQVAE_STAGE_KEYS)
 
 # %% auto #0
-__all__ = ['VQVAE2_SETTINGS', 'LEVELS', 'level_quantizer', 'VQVAE2', 'vqvae2_step', 'evaluate_vqvae2', 'train_vqvae2',
-           'vqvae2_stage', 'level_ablation', 'extract_codes2', 'codes2_stage']
+__all__ = ['VQVAE2_SETTINGS', 'VQVAE2_KAOKORE', 'LEVELS', 'PRIOR2_STAGE_KEYS', 'level_quantizer', 'VQVAE2', 'vqvae2_step',
+           'evaluate_vqvae2', 'train_vqvae2', 'vqvae2_stage', 'level_ablation', 'extract_codes2', 'codes2_stage',
+           'HierarchicalPrior', 'prior2_step', 'evaluate_prior2', 'fit_prior2', 'train_prior2', 'prior2_stage',
+           'sample_images2']
 
 # %% ../nbs/09_vqvae2.ipynb #befc1732
 _VQVAE2_COMMON = dict(quantizer='ema_restart', flip=True, seed=0, min_usage=0.5)
 VQVAE2_SETTINGS = dict(
     quick=dict(_VQVAE2_COMMON, data='shapes', classes=None, n_train=2000, n_test=500,
-               model=dict(hidden=32, res_hidden=16, n_res=1, n_res_top=1, num_codes_top=128, num_codes_bottom=128, dim=32,
+               model=dict(hidden=32, res_hidden=16, n_res=1, n_res_top=0, num_codes_top=128, num_codes_bottom=128, dim=32,
                           decay=0.95, restart_after=5),
-               steps=800, batch_size=8, lr=2e-3, warmup=10, log_every=25, max_mse=0.035),
+               steps=800, batch_size=8, lr=2e-3, warmup=10, log_every=25, max_mse=0.035,
+               prior=dict(width=32, n_layers=3, attn_every=0, cond_channels=16, steps=400, batch_size=32, lr=5e-3)),
     docs=dict(_VQVAE2_COMMON, data='cifar10', classes=['horse', 'bird'], n_train=None, n_test=None,
-              model=dict(hidden=64, res_hidden=32, n_res=2, n_res_top=1, num_codes_top=512, num_codes_bottom=512, dim=64,
+              model=dict(hidden=64, res_hidden=32, n_res=2, n_res_top=0, num_codes_top=512, num_codes_bottom=512, dim=64,
                          decay=0.99, restart_after=20),
-              steps=3000, batch_size=8, lr=2e-3, warmup=100, log_every=100, max_mse=0.008),
+              steps=3000, batch_size=8, lr=2e-3, warmup=100, log_every=100, max_mse=0.008,
+              prior=dict(width=64, n_layers=8, attn_every=0, cond_channels=32, steps=3000, batch_size=64, lr=1e-3)),
     full=dict(_VQVAE2_COMMON, data='cifar10', classes=None, n_train=None, n_test=None,
-              model=dict(hidden=128, res_hidden=64, n_res=2, n_res_top=2, num_codes_top=512, num_codes_bottom=512, dim=64,
+              model=dict(hidden=128, res_hidden=64, n_res=2, n_res_top=0, num_codes_top=512, num_codes_bottom=512, dim=64,
                          decay=0.99, restart_after=20),
-              steps=20_000, batch_size=128, lr=1e-3, warmup=500, log_every=200, max_mse=0.006),
+              steps=20_000, batch_size=128, lr=1e-3, warmup=500, log_every=200, max_mse=0.006,
+              prior=dict(width=128, n_layers=15, attn_every=0, cond_channels=64, steps=30_000, batch_size=128, lr=3e-4)),
 )
+
+# KaoKore (Tian et al., 2020) instead of CIFAR-10: C = Settings({**C, **VQVAE2_KAOKORE}); 64-px faces give 8x8 and 16x16 maps
+VQVAE2_KAOKORE = dict(data='kaokore', classes=None, label='status', size=64, root=None, n_train=None, n_test=None)
 
 # %% ../nbs/09_vqvae2.ipynb #8a0a7ed1
 def level_quantizer(quantizer: str | dict | nn.Module, num_codes: int, dim: int, beta: float = 0.25, decay: float = 0.99,
@@ -59,7 +68,7 @@ class VQVAE2(Checkpointable, nn.Module):
                  hidden: int = 64,  # channels of the convolutions at the code resolutions
                  res_hidden: int = 32,  # channels inside the residual blocks
                  n_res: int = 2,  # residual blocks of the bottom encoder and of the decoder
-                 n_res_top: int = 1,  # residual blocks of the top encoder and of the top's up-sampler
+                 n_res_top: int = 0,  # residual blocks of the top encoder and of the top's up-sampler (0 measured best)
                  n_down: int = 2,  # stride-2 stages of the bottom encoder (32x32 -> 8x8); the top halves once more
                  num_codes_top: int = 512,  # K of the top codebook
                  num_codes_bottom: int = 512,  # K of the bottom codebook
@@ -266,3 +275,146 @@ def codes2_stage(C: dict, split: str = 'train', device=None, folder=None) -> Pat
     "Path of the code file ({'top', 'bottom'} maps) of the `split` ('train' or 'test') images, encoded by `vqvae2_stage(C)`'s model."
     return code_file_stage('vqvae2', VQVAE2, lambda: vqvae2_stage(C, device, folder), _encode_codes2, C, split,
                            'VQVAE2_SETTINGS', device, folder)
+
+# %% ../nbs/09_vqvae2.ipynb #4d28dc9b
+class HierarchicalPrior(Checkpointable, nn.Module):
+    """Algorithm 2's two priors in one module: a (class-conditional) Gated PixelCNN over top maps (B, h, w) and one over
+    bottom maps (B, 2h, 2w) conditioned on the class and, through its spatial condition, on the top codes."""
+    def __init__(self, num_codes_top: int, num_codes_bottom: int,
+                 n_classes: int | None = None,  # None: unconditional
+                 width: int = 64,  # channels of both PixelCNNs
+                 n_layers: int = 8,  # gated layers of the bottom prior
+                 top_layers: int | None = None,  # gated layers of the top prior (default: n_layers)
+                 attn_every: int = 0,  # the top prior gets a causal self-attention block after every k-th layer (0: none)
+                 attn_heads: int = 4,
+                 cond_channels: int = 32):  # channels of the bottom prior's view of the top codes
+        super().__init__()
+        if cond_channels < 1: raise ValueError(f"cond_channels must be >= 1, got {cond_channels}")
+        self.top = GatedPixelCNN(num_codes_top, width, top_layers or n_layers, n_classes, attn_every=attn_every,
+                                 attn_heads=attn_heads)
+        self.bottom = GatedPixelCNN(num_codes_bottom, width, n_layers, n_classes, cond_channels=cond_channels)
+        self.top_embed = nn.Embedding(num_codes_top, cond_channels)
+        self.cond_net = nn.Sequential(nn.Conv2d(cond_channels, cond_channels, 3, padding=1), nn.ReLU(),  # top-level context
+                                      nn.ConvTranspose2d(cond_channels, cond_channels, 4, 2, 1))  # (h, w) -> (2h, 2w)
+        self.n_classes = n_classes
+        self.config = dict(num_codes_top=num_codes_top, num_codes_bottom=num_codes_bottom, n_classes=n_classes, width=width,
+                           n_layers=n_layers, top_layers=top_layers, attn_every=attn_every, attn_heads=attn_heads,
+                           cond_channels=cond_channels)
+
+    @property
+    def num_codes(self) -> dict[str, int]: return {'top': self.top.num_codes, 'bottom': self.bottom.num_codes}
+
+    def condition(self, top: torch.Tensor) -> torch.Tensor:
+        "The bottom prior's spatial condition (B, cond_channels, 2h, 2w) from top codes (B, h, w): every bottom position sees all top codes near it."
+        return self.cond_net(self.top_embed(top.long()).permute(0, 3, 1, 2))
+
+    def _check_maps(self, top, bottom):
+        "Raise a clear error unless `top` (B, h, w) and `bottom` (B, 2h, 2w) are integer maps in range."
+        for name, c in (('top', top), ('bottom', bottom)):
+            if not isinstance(c, torch.Tensor) or c.ndim != 3 or c.is_floating_point() or c.dtype == torch.bool:
+                raise TypeError(f"{name} codes must be an integer tensor (B, h, w); got {type(c).__name__} "
+                                f"{getattr(c, 'dtype', '')} {tuple(getattr(c, 'shape', ()))}")
+            K = self.num_codes[name]
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= K):
+                raise ValueError(f"{name} codes must lie in [0, {K - 1}]; got values in [{int(c.min())}, {int(c.max())}]")
+        B, h, w = top.shape
+        if bottom.shape != (B, 2 * h, 2 * w):
+            raise ValueError(f"bottom codes must have shape {(B, 2 * h, 2 * w)} for top codes {tuple(top.shape)}; got {tuple(bottom.shape)}")
+
+    def forward(self, top: torch.Tensor, bottom: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
+        "Logits of both levels: {'top': (B, K_top, h, w), 'bottom': (B, K_bottom, 2h, 2w)}."
+        self._check_maps(top, bottom)
+        return {'top': self.top(top, labels), 'bottom': self.bottom(bottom, labels, self.condition(top))}
+
+    def nll(self, top: torch.Tensor, bottom: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
+        "Mean NLL in nats per code of each level: {'top': scalar, 'bottom': scalar}."
+        logits = self(top, bottom, labels)
+        return {k: F.cross_entropy(v, c.long()) for (k, v), c in zip(logits.items(), (top, bottom))}
+
+    @torch.no_grad()
+    def sample(self, n: int, top_shape: tuple[int, int] = (4, 4), labels=None, temperature: float | tuple[float, float] = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None, method: str = 'fast') -> dict[str, torch.Tensor]:
+        """Ancestral sampling: top codes (n, h, w), then bottom codes (n, 2h, 2w) given them; `temperature` is one value
+        or (top, bottom). The same `generator` state gives the same codes with `method` 'fast' or 'naive'."""
+        t_top, t_bottom = (temperature, temperature) if isinstance(temperature, (int, float)) else temperature
+        h, w = top_shape
+        top = self.top.sample((n, h, w), labels=labels, temperature=t_top, top_k=top_k, generator=generator, method=method)
+        with eval_mode(self): cond = self.condition(top)
+        bottom = self.bottom.sample((n, 2 * h, 2 * w), labels=labels, cond=cond, temperature=t_bottom, top_k=top_k,
+                                    generator=generator, method=method)
+        return {'top': top, 'bottom': bottom}
+
+# %% ../nbs/09_vqvae2.ipynb #fa349180
+def prior2_step(model: HierarchicalPrior, batch) -> dict:
+    "A `fit` step: batch (top, bottom, labels or None) -> loss = top NLL + bottom NLL (nats per code), and each."
+    top, bottom, labels = batch
+    nll = model.nll(top, bottom, labels if model.n_classes else None)
+    return dict(loss=nll['top'] + nll['bottom'], top_nll=nll['top'].detach(), bottom_nll=nll['bottom'].detach())
+
+@torch.no_grad()
+def evaluate_prior2(model: HierarchicalPrior, maps: dict, labels: torch.Tensor | None = None, batch_size: int = 512,
+                    image_shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
+    """Held-out NLL of code maps {'top': (N, h, w), 'bottom': (N, 2h, 2w)}: nats per code of each level, and the whole
+    image's bits per dimension (both maps' nats, over the C*H*W numbers of an image of `image_shape`)."""
+    top, bottom = maps['top'], maps['bottom']
+    model._check_maps(top, bottom)
+    if model.n_classes and labels is None: raise ValueError(f"the prior is class-conditional: pass labels of shape ({len(top)},)")
+    dev, tot = model_device(model), {'top': 0.0, 'bottom': 0.0}
+    with eval_mode(model):
+        for b in range(0, len(top), batch_size):
+            t, bt = top[b:b + batch_size].to(dev), bottom[b:b + batch_size].to(dev)
+            lab = labels[b:b + batch_size].to(dev) if model.n_classes else None
+            for k, lg in model(t, bt, lab).items():
+                tot[k] += float(F.cross_entropy(lg, (t if k == 'top' else bt).long(), reduction='sum'))
+    nats = {k: tot[k] / maps[k].numel() for k in tot}
+    per_image = {k: tot[k] / len(top) for k in tot}  # nats per image
+    C, H, W = image_shape
+    return dict(top=nats['top'], bottom=nats['bottom'],
+                bits_per_dim=(per_image['top'] + per_image['bottom']) / (math.log(2) * C * H * W),
+                bits_per_dim_top=per_image['top'] / (math.log(2) * C * H * W))
+
+def fit_prior2(prior: HierarchicalPrior, maps: dict, labels: torch.Tensor | None = None, steps: int = 1000,
+               batch_size: int = 64, lr: float = 1e-3, device=None, **fit_kw) -> History:
+    "Train both levels of `prior` on code maps {'top': (N, h, w), 'bottom': (N, 2h, 2w)} (+ labels (N,)) with `fit`."
+    prior._check_maps(maps['top'], maps['bottom'])
+    if prior.n_classes and labels is None: raise ValueError("a class-conditional prior needs labels (N,) for its code maps")
+    if len(maps['top']) < batch_size:
+        raise ValueError(f"{len(maps['top'])} code maps are fewer than one batch of {batch_size} (batches drop the remainder)")
+    dl = DeviceLoader((maps['top'], maps['bottom'], labels if prior.n_classes else None), batch_size, drop_last=True,
+                      device=device)
+    return fit(prior, dl, prior2_step, steps=steps, lr=lr, device=device, **fit_kw)
+
+# %% ../nbs/09_vqvae2.ipynb #3ff45bee
+PRIOR2_STAGE_KEYS = VQVAE_STAGE_KEYS + ('prior', 'log_every')  # the VQ-VAE-2 the codes come from, and the prior's settings
+
+def train_prior2(C: dict, device=None) -> tuple[HierarchicalPrior, History]:
+    "Train the lesson's two-level prior (settings `C.prior`) on the training code maps of `codes2_stage(C)`; returns (prior, history)."
+    C, device = Settings(C), get_device(device)
+    codes = load_codes(codes2_stage(C, 'train', device))
+    P = dict(C.prior)
+    steps, batch_size, lr = P.pop('steps'), P.pop('batch_size'), P.pop('lr')
+    seed_everything(C.seed)
+    prior = HierarchicalPrior(codes.num_codes['top'], codes.num_codes['bottom'], n_classes=len(codes.meta['classes']), **P)
+    hist = fit_prior2(prior, codes.maps, codes.labels, steps=steps, batch_size=batch_size, lr=lr, sched='cosine',
+                      log_every=C.log_every, device=device, progress=False)
+    return prior.eval(), hist
+
+def prior2_stage(C: dict, device=None, folder=None) -> Path:
+    "Path of the two-level prior trained with settings `C`: from the cache, or made now by `train_prior2(C, device)`."
+    cfg = stage_settings(C, PRIOR2_STAGE_KEYS, 'VQVAE2_SETTINGS')
+    def make(path):
+        prior, hist = train_prior2(C, device)
+        save_checkpoint(path, prior, settings=cfg, history=hist)
+    return cached('prior2', make, cfg, check=HierarchicalPrior.from_checkpoint, folder=folder)
+
+@torch.no_grad()
+def sample_images2(prior: HierarchicalPrior, vqvae2: VQVAE2, n: int, labels=None, image_size: int = 32,
+                   temperature: float | tuple[float, float] = 1.0, top_k: int | None = None,
+                   generator: torch.Generator | None = None, method: str = 'fast') -> tuple[dict, torch.Tensor]:
+    "Draw n pairs of code maps from `prior` (top, then bottom given top) and decode them: ({'top', 'bottom'} codes, images (n, C, H, W))."
+    if prior.num_codes != vqvae2.num_codes:
+        raise ValueError(f"the prior models codebooks of sizes {prior.num_codes}, the VQ-VAE-2 has {vqvae2.num_codes}")
+    codes = prior.sample(n, vqvae2.code_shapes(image_size)['top'], labels, temperature, top_k, generator, method)
+    dev = model_device(vqvae2)
+    with eval_mode(vqvae2): imgs = vqvae2.decode(**{k: v.to(dev) for k, v in codes.items()}).clamp(0, 1)
+    return codes, imgs
