@@ -73,7 +73,9 @@ def test_ci_runs_the_readme_commands():
     readme, ci = (ROOT / 'README.md').read_text(), (ROOT / '.ci' / 'run').read_text()
     block = readme.split('## Set-up on a fresh machine')[1].split('```sh')[1].split('```')[0].strip().splitlines()
     install, test = block
-    assert install == 'pip install -e ".[dev]"' and 'pip install -q -e ".[dev]"' in ci
+    inst, main_job = install.split(' && ')
+    assert inst == 'pip install -e ".[dev]"' and 'pip install -q -e ".[dev]"' in ci
+    assert main_job.startswith('vqlearn pegasus ') and any(l.startswith('vqlearn pegasus ') for l in ci.splitlines())
     assert test in ci.splitlines(), f"{test!r} is not a line of .ci/run"
 
 def test_sidebar_lists_every_notebook():
