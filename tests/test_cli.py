@@ -70,3 +70,19 @@ def test_shipped_weights_are_small_complete_and_documented():
     assert {'metrics', 'data', 'recipe', 'config'} <= set(man) and man['metrics']['judge_accuracy'] > 0.8
     b = load_bundle()
     assert b.prior.n_classes == 3 and b.vqvae.num_codes == man['config']['vqvae']['num_codes']
+
+
+def test_train_vqvae_then_prior_tiny(tmp_path):
+    "vqlearn train vqvae / prior on a tiny .npz of horses and birds: checkpoints that reload, and a mixed third class."
+    g = np.random.default_rng(0)
+    classes = np.array(['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'])
+    np.savez(tmp_path / 'hb.npz', images=g.integers(0, 256, (80, 32, 32, 3), dtype=np.uint8),
+             labels=np.array([2, 7] * 40), classes=classes)
+    r = run('train', 'vqvae', '--data', str(tmp_path / 'hb.npz'), '--out', str(tmp_path / 'vq.safetensors'), '--steps', '3',
+            '--device', 'cpu', '--threads', '1')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert VQVAE.from_checkpoint(tmp_path / 'vq.safetensors').num_codes == 512
+    r = run('train', 'prior', '--data', str(tmp_path / 'hb.npz'), '--vqvae', str(tmp_path / 'vq.safetensors'),
+            '--out', str(tmp_path / 'p.safetensors'), '--steps', '2', '--device', 'cpu', '--threads', '1')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert GatedPixelCNN.from_checkpoint(tmp_path / 'p.safetensors').n_classes == 3 and 'held-out NLL' in r.stdout
