@@ -17,7 +17,8 @@ from .train import History, fit, save_checkpoint
 # %% auto #0
 __all__ = ['VQVAE_SETTINGS', 'QUANTIZERS', 'QUANTIZER_CLASSES', 'VQVAE_STAGE_KEYS', 'ResBlock', 'make_encoder', 'make_decoder',
            'register_quantizer', 'quantizer_spec', 'build_quantizer', 'VQVAE', 'vqvae_step', 'evaluate_vqvae',
-           'train_vqvae', 'model_stage', 'vqvae_stage', 'extract_codes', 'code_file_stage', 'codes_stage']
+           'train_autoencoder', 'train_vqvae', 'model_stage', 'vqvae_stage', 'extract_codes', 'code_file_stage',
+           'codes_stage']
 
 # %% ../nbs/06_vqvae.ipynb #eb2d23a2
 _VQVAE_COMMON = dict(quantizer='ema_restart', flip=True, seed=0, min_usage=0.5)
@@ -200,24 +201,29 @@ def evaluate_vqvae(model: VQVAE, data, batch_size: int = 256, device=None) -> di
     return dict(mse=mse, psnr=10 * math.log10(1 / max(mse, 1e-12)), perplexity=ppl.item(), usage=usage.item())
 
 # %% ../nbs/06_vqvae.ipynb #e458c84e
-def train_vqvae(C: dict, device=None) -> tuple[VQVAE, History]:
-    "Train the lesson's VQ-VAE with settings `C` (see `VQVAE_SETTINGS`): data, model and `fit`; returns (model, history)."
+def train_autoencoder(cls: type, step_fn, C: dict, device=None):
+    "Build `cls(**C.model, quantizer=C.quantizer)` and train it on the lesson's data with `fit` and settings `C`; returns (model, history)."
     C, device = Settings(C), get_device(device)
     seed_everything(C.seed)
     train, _ = lesson_data(C)
-    model = VQVAE(**C.model, quantizer=C.quantizer)
+    model = cls(**C.model, quantizer=C.quantizer)
     dl = DeviceLoader(train, batch_size=C.batch_size, shuffle=True, flip=C.flip, device=device, seed=C.seed)
-    hist = fit(model, dl, vqvae_step, steps=C.steps, lr=C.lr, sched='cosine', warmup=C.warmup, log_every=C.log_every,
+    hist = fit(model, dl, step_fn, steps=C.steps, lr=C.lr, sched='cosine', warmup=C.warmup, log_every=C.log_every,
                device=device, progress=False)
     return model.eval(), hist
+
+def train_vqvae(C: dict, device=None) -> tuple[VQVAE, History]:
+    "Train the lesson's VQ-VAE with settings `C` (see `VQVAE_SETTINGS`): data, model and `fit`; returns (model, history)."
+    return train_autoencoder(VQVAE, vqvae_step, C, device)
 
 # %% ../nbs/06_vqvae.ipynb #1babc069
 VQVAE_STAGE_KEYS = ('data', 'classes', 'n_train', 'n_test', 'model', 'quantizer', 'steps', 'batch_size', 'lr', 'warmup',
                     'flip', 'seed')  # the settings the trained model depends on (not the thresholds of the checks)
 
-def model_stage(name: str, cls: type, train_fn, C: dict, start_from: str, device=None, folder=None) -> Path:
-    "Path of the `cls` checkpoint `name` trained by `train_fn(C, device)`: from the cache, or made now."
-    cfg = stage_settings(C, VQVAE_STAGE_KEYS, start_from)
+def model_stage(name: str, cls: type, train_fn, C: dict, start_from: str, device=None, folder=None,
+                keys: tuple[str, ...] = VQVAE_STAGE_KEYS) -> Path:
+    "Path of the `cls` checkpoint `name` trained by `train_fn(C, device)` (keyed by the settings `keys`): from the cache, or made now."
+    cfg = stage_settings(C, keys, start_from)
     def make(path):
         model, hist = train_fn(C, device)
         save_checkpoint(path, model, settings=cfg, history=hist)

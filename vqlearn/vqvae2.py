@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import Checkpointable, Settings, cached, eval_mode, get_device, model_device, seed_everything
+from .core import Checkpointable, Settings, eval_mode, get_device, model_device, seed_everything
 from .quantize import VQOutput, code_stats
-from .data import DeviceLoader, image_batches, lesson_data, load_codes, stage_settings
+from .data import DeviceLoader, image_batches, load_codes
 from .pixelcnn import GatedPixelCNN
-from .train import History, fit, save_checkpoint
+from .train import History, fit
 from .vqvae import (QUANTIZERS, build_quantizer, code_file_stage, make_decoder, make_encoder, model_stage,
-                           quantizer_spec, VQVAE_STAGE_KEYS)
+                           quantizer_spec, train_autoencoder, VQVAE_STAGE_KEYS)
 
 # %% auto #0
 __all__ = ['VQVAE2_SETTINGS', 'VQVAE2_KAOKORE', 'LEVELS', 'PRIOR2_STAGE_KEYS', 'level_quantizer', 'VQVAE2', 'vqvae2_step',
@@ -218,14 +218,7 @@ def evaluate_vqvae2(model: nn.Module, data, batch_size: int = 256, device=None) 
 # %% ../nbs/09_vqvae2.ipynb #e1de9fc0
 def train_vqvae2(C: dict, device=None) -> tuple[VQVAE2, History]:
     "Train the lesson's VQ-VAE-2 with settings `C` (see `VQVAE2_SETTINGS`): data, model and `fit`; returns (model, history)."
-    C, device = Settings(C), get_device(device)
-    seed_everything(C.seed)
-    train, _ = lesson_data(C)
-    model = VQVAE2(**C.model, quantizer=C.quantizer)
-    dl = DeviceLoader(train, batch_size=C.batch_size, shuffle=True, flip=C.flip, device=device, seed=C.seed)
-    hist = fit(model, dl, vqvae2_step, steps=C.steps, lr=C.lr, sched='cosine', warmup=C.warmup, log_every=C.log_every,
-               device=device, progress=False)
-    return model.eval(), hist
+    return train_autoencoder(VQVAE2, vqvae2_step, C, device)
 
 def vqvae2_stage(C: dict, device=None, folder=None) -> Path:
     "Path of the VQ-VAE-2 checkpoint trained with settings `C`: from the cache, or made now by `train_vqvae2(C, device)`."
@@ -401,11 +394,7 @@ def train_prior2(C: dict, device=None) -> tuple[HierarchicalPrior, History]:
 
 def prior2_stage(C: dict, device=None, folder=None) -> Path:
     "Path of the two-level prior trained with settings `C`: from the cache, or made now by `train_prior2(C, device)`."
-    cfg = stage_settings(C, PRIOR2_STAGE_KEYS, 'VQVAE2_SETTINGS')
-    def make(path):
-        prior, hist = train_prior2(C, device)
-        save_checkpoint(path, prior, settings=cfg, history=hist)
-    return cached('prior2', make, cfg, check=HierarchicalPrior.from_checkpoint, folder=folder)
+    return model_stage('prior2', HierarchicalPrior, train_prior2, C, 'VQVAE2_SETTINGS', device, folder, PRIOR2_STAGE_KEYS)
 
 @torch.no_grad()
 def sample_images2(prior: HierarchicalPrior, vqvae2: VQVAE2, n: int, labels=None, image_size: int = 32,
