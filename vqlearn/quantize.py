@@ -223,10 +223,12 @@ class VectorQuantizerEMA(_VQBase):
     @property
     def codebook(self) -> torch.Tensor: return self.embedding
 
+    # The codebook is replaced, never written in place: the tensor this step's forward pass read stays as it was for
+    # the backward pass, which `torch.compile` may recompute from it.
     @torch.no_grad()
     def _set_codes(self, mask, new):
-        new = new.to(self.embedding.dtype)
-        self.embedding[mask] = new[mask]
+        new, m = new.to(self.embedding.dtype), mask[:, None]
+        self.embedding = torch.where(m, new, self.embedding)
         self.cluster_size[mask] = 1.0
         self.embed_sum[mask] = new[mask]
 
@@ -241,7 +243,7 @@ class VectorQuantizerEMA(_VQBase):
         self.embed_sum.mul_(g).add_(s_k, alpha=1 - g)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing
-        self.embedding.copy_(self.embed_sum / smoothed[:, None])
+        self.embedding = self.embed_sum / smoothed[:, None]                       # a new tensor (see above)
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:  # z_e: (B, D, H, W)
         flat, codes = self._assign(z_e)  # (N, D), (N,)

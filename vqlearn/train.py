@@ -242,10 +242,10 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
         sched=None, warmup: int | float = 0, clip: float | None = None, amp: bool = True, log_every: int = 50,
         eval_fn: Callable | None = None, eval_every: int | None = None, ckpt: str | os.PathLike | None = None,
         ckpt_every: int | None = None, resume: bool = False, device=None, progress: bool = True,
-        batch_tfm: Callable | None = None) -> History:
+        batch_tfm: Callable | None = None, compile: bool | str = False) -> History:
     """Train `model` on batches from `dl` for `steps` (or `epochs`), `budget_s` seconds, or whichever ends first;
     `step_fn(model, batch)` returns a dict of 0-dim tensors whose 'loss' is minimised. Returns the `History` of logged
-    values (means over each `log_every` steps)."""
+    values (means over each `log_every` steps). `compile=True` (or a backend name) runs the model through `torch.compile`."""
     if steps is not None and epochs is not None: raise ValueError("give steps= or epochs=, not both")
     if steps is None and epochs is None and budget_s is None: raise ValueError("give steps=, epochs= or budget_s= (a budget may cap steps or epochs)")
     total = None if steps is None and epochs is None else int(steps if steps is not None else epochs * len(dl))
@@ -259,6 +259,7 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
     lr_multiplier(0.5, sched, wfrac)                                      # an unknown schedule fails now, not at step 1
     device = get_device(device)
     model.to(device)
+    fwd = torch.compile(model, backend=compile if isinstance(compile, str) else 'inductor') if compile else model
     opt = opt or torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     base_lrs = [g.get('initial_lr', g['lr']) for g in opt.param_groups]
     for g, b in zip(opt.param_groups, base_lrs): g['initial_lr'] = b
@@ -305,7 +306,7 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
         if ts and (ts[0].ndim == 0 or ts[0].shape[0] == 0):
             raise ValueError(f"batch {s + 1} is empty (tensors {_describe(batch)}): fit needs batches with at least one row")
         try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp): out = step_fn(model, batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp): out = step_fn(fwd, batch)
         except Exception as e:
             if hasattr(e, 'add_note'):
                 e.add_note(f"(in step_fn at step {s + 1}; batch: {_describe(batch)}; model parameters: "
