@@ -135,3 +135,18 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     env = {**os.environ, 'VQLEARN_MODE': 'quick', 'MPLBACKEND': 'Agg'}   # $VQLEARN_CACHE: conftest's, or CI's (which the notebooks filled)
     r = subprocess.run([sys.executable, '-c', '\n'.join(blocks)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+def test_gpu_check_runs_cuda_cells_only_with_cuda_and_reports_failures(tmp_path):
+    "tools/gpu_check.py skips `slow` always and `cuda` without a GPU, and turns a failing assert into a FAIL row."
+    import json
+    sys.path.insert(0, str(ROOT / 'tools'))
+    try: import gpu_check
+    finally: sys.path.pop(0)
+    cell = lambda i, src: {'cell_type': 'code', 'id': i, 'metadata': {}, 'source': src, 'outputs': [], 'execution_count': None}
+    nb = {'cells': [cell('a', 'x = 1'), cell('b', '#| cuda\nassert False, "cuda cell ran"'),
+                    cell('s', '#| slow\nassert False, "slow cell ran"'), cell('c', 'assert x == 1')],
+          'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}
+    path = tmp_path / 't.ipynb'; path.write_text(json.dumps(nb))
+    assert gpu_check.flags('#| eval: false\nx = 1') == {'eval-false'} and gpu_check.flags('#| slow\n#| cuda\ny') == {'slow', 'cuda'}
+    assert gpu_check.run_notebook(path, {'slow', 'cuda'}) == (True, '')
+    assert gpu_check.run_notebook(path, {'slow'}) == (False, 'AssertionError: cuda cell ran')
