@@ -150,9 +150,9 @@ MUTANTS = {  # name: (classes to check, owner, function, (old text, new text), .
     'plain: z_q = e_k (no straight-through)': ((_P,), _P, 'forward', (ST, 'z_q = e_k.to(z_e.dtype)')),
     'EMA: straight-through without detach': ((_E,), _E, 'forward', (ST, 'z_q = z_e + (e_k.to(z_e.dtype) - z_e)')),
     'plain: codebook loss without detach': (
-        (_P,), _P, 'forward', ('F.mse_loss(e_k.float(), z_e.detach().float())', 'F.mse_loss(e_k.float(), z_e.float())')),
+        (_P,), _P, 'forward', ('F.mse_loss(e_k, z_e.detach().to(dt))', 'F.mse_loss(e_k, z_e.to(dt))')),
     'plain: commitment loss without detach': (
-        (_P,), _P, 'forward', ('F.mse_loss(z_e.float(), e_k.detach().float())', 'F.mse_loss(z_e.float(), e_k.float())')),
+        (_P,), _P, 'forward', ('F.mse_loss(z_e.to(dt), e_k.detach())', 'F.mse_loss(z_e.to(dt), e_k)')),
     'plain: beta ignored': ((_P,), _P, 'forward', ('codebook_loss + self.beta * commitment_loss', 'codebook_loss + commitment_loss')),
     'plain: beta on the wrong term': (
         (_P,), _P, 'forward', ('codebook_loss + self.beta * commitment_loss', 'self.beta * codebook_loss + commitment_loss')),

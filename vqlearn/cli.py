@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import vqlearn
-from .core import atomic_write, get_device, load_tensors, save_tensors, seed_everything
+from .core import atomic_write, dist_info, get_device, load_tensors, save_tensors, seed_everything
 from .pixelcnn import GatedPixelCNN
 from .vqvae import VQVAE
 from .judge import Judge
@@ -232,6 +232,7 @@ def _train(args) -> int:
     if args.steps is not None and args.steps <= 0: raise CLIError(f"--steps must be positive; got {args.steps}")
     if not 0 <= args.p <= 1: raise CLIError(f"--p must be a probability in [0, 1]; got {args.p}")
     if args.what == 'all':
+        if int(os.environ.get('WORLD_SIZE', '1')) > 1: raise CLIError("train all runs in one process; use train vqvae / prior under torchrun")
         m = args.minutes or 5.0
         man = train_bundle(args.data, args.out, dict(vqvae=m, prior=1.6 * m), args.p, args.seed, args.device)
         print(f"wrote the weights and {Path(args.out) / 'manifest.json'}: " + json.dumps({k: round(v, 4) for k, v in man['metrics'].items()}))
@@ -243,8 +244,9 @@ def _train(args) -> int:
     if args.what in ('vqvae', 'vqvae2'):
         train, valid = _npz_data(args.data)
         model, hist, res = train_vqvae_cli(train, valid, minutes, args.steps, args.seed, args.device, args.what == 'vqvae2')
-        save_checkpoint(out, model, history=hist, result=res)
-        print(f"wrote {out}: held-out MSE {res['mse']:.4f} ({res['psnr']:.2f} dB) after {hist.n_steps} steps")
+        if dist_info()[0] == 0:  # under torchrun, process 0 writes
+            save_checkpoint(out, model, history=hist, result=res)
+            print(f"wrote {out}: held-out MSE {res['mse']:.4f} ({res['psnr']:.2f} dB) after {hist.n_steps} steps")
         return 0
     if not args.vqvae or not Path(args.vqvae).is_file(): raise CLIError(f"train prior needs --vqvae CHECKPOINT (an existing file); got {args.vqvae}")
     from vqlearn.vqvae import extract_codes
@@ -257,8 +259,9 @@ def _train(args) -> int:
     prior, hist = fit_mixed_prior(ctr, ltr, vq.num_codes, args.p, 2, steps=args.steps, seed=args.seed, device=args.device,
                                   budget_s=None if minutes is None else minutes * 60, progress=True)
     nll = evaluate_nll(prior, cte, lte)
-    save_checkpoint(out, prior, history=hist, result=dict(nll=nll, p=args.p))
-    print(f"wrote {out}: held-out NLL {nll:.3f} nats/code after {hist.n_steps} steps")
+    if dist_info()[0] == 0:
+        save_checkpoint(out, prior, history=hist, result=dict(nll=nll, p=args.p))
+        print(f"wrote {out}: held-out NLL {nll:.3f} nats/code after {hist.n_steps} steps")
     return 0
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,3 +275,5 @@ def main(argv: list[str] | None = None) -> int:
 def entry():
     "Console-script entry point: exit with `main`'s status."
     sys.exit(main())
+
+if __name__ == '__main__' and 'IPython' not in sys.modules: entry()    # python -m vqlearn.cli, torchrun -m vqlearn.cli

@@ -16,7 +16,8 @@ from safetensors.torch import save_file, load_file
 # %% auto #0
 __all__ = ['MODES', 'get_device', 'seed_everything', 'run_mode', 'quick', 'pick', 'Settings', 'settings', 'show_images',
            'model_device', 'eval_mode', 'atomic_write', 'save_tensors', 'load_tensors', 'load_model_state',
-           'Checkpointable', 'cache_dir', 'artifact_key', 'cached']
+           'Checkpointable', 'cache_dir', 'artifact_key', 'cached', 'dist_info', 'init_distributed', 'all_reduce_sum',
+           'all_gather_rows', 'broadcast_']
 
 # %% ../nbs/00_core.ipynb #7c5c1742
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -240,3 +241,37 @@ def cached(name: str, make: Callable[[Path], Any], config: dict | None = None, c
             make(path)
             if not path.is_file(): raise FileNotFoundError(f"make() did not write the artifact {name!r} to {path}")
     return path
+
+# %% ../nbs/00_core.ipynb #f6451430
+import torch.distributed as dist
+
+def dist_info() -> tuple[int, int]:
+    "(rank, world size) of this process: (0, 1) unless torch.distributed is initialised (e.g. under `torchrun`)."
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that `torchrun` describes in the environment (nccl on GPUs, gloo on CPUs), once; returns
+    (rank, world size). A no-op in a single process."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        cuda = get_device().type == 'cuda'
+        if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    return dist_info()
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    "Sum `t` over all processes, in place (nothing to do in one process); returns `t`."
+    if dist_info()[1] > 1: dist.all_reduce(t)
+    return t
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    "The rows (N, ...) of every process, concatenated in rank order: (world * N, ...). Every process must give the same N."
+    world = dist_info()[1]
+    if world == 1: return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    "Overwrite `t` on every process with process `src`'s values, in place; returns `t`."
+    if dist_info()[1] > 1: dist.broadcast(t, src)
+    return t

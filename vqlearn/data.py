@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader
-from .core import Settings, get_device, save_tensors, load_tensors
+from .core import Settings, dist_info, get_device, save_tensors, load_tensors
 
 # %% auto #0
 __all__ = ['SHAPES', 'CIFAR10_CLASSES', 'STL10_CLASSES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'CODES_FORMAT',
@@ -347,10 +347,17 @@ def _check_batch_size(batch_size) -> int:
 
 class DeviceLoader:
     """Batches of in-memory data held on `device`, shuffled and flipped there. From an ArrayDataset: (x float (B, C, H, W)
-    in [0, 1], y int64 (B,)); from a tuple of tensors sharing dim 0: tuples of their rows (None stays None, dtypes kept)."""
+    in [0, 1], y int64 (B,)); from a tuple of tensors sharing dim 0: tuples of their rows (None stays None, dtypes kept).
+    With several processes (`rank` of `world_size`, by default those of torch.distributed) every process draws the same
+    batches of `batch_size` and keeps its own slice of each, so the group as a whole sees the batches of one process."""
     def __init__(self, data, batch_size: int = 64, shuffle: bool = True, flip: bool = False,
-                 drop_last: bool = False, device=None, seed: int = 0):
+                 drop_last: bool = False, device=None, seed: int = 0, rank: int | None = None, world_size: int | None = None):
         self.batch_size = _check_batch_size(batch_size)
+        r, w = dist_info()
+        self.rank, self.world_size = r if rank is None else rank, w if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size or batch_size % self.world_size:
+            raise ValueError(f"rank must lie in [0, world_size) and batch_size be a multiple of world_size; got rank "
+                             f"{self.rank}, world_size {self.world_size}, batch_size {batch_size}")
         self.is_images = isinstance(data, ArrayDataset)
         if self.is_images: tensors = (data.images, data.labels)
         elif (isinstance(data, (tuple, list)) and all(t is None or isinstance(t, torch.Tensor) for t in data)
@@ -391,9 +398,13 @@ class DeviceLoader:
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = order[b * bs:(b + 1) * bs]
+            fl = None if flips is None else flips[b * bs:(b + 1) * bs]
+            if self.world_size > 1:  # this process's slice of the batch
+                idx = idx.tensor_split(self.world_size)[self.rank]
+                fl = None if fl is None else fl.tensor_split(self.world_size)[self.rank]
             batch = [None if t is None else t[idx] for t in self.tensors]
-            if flips is not None:  # mirror about half of the images, in one operation
-                batch[0] = torch.where(flips[b * bs:(b + 1) * bs, None, None, None], batch[0].flip(-1), batch[0])
+            if fl is not None:  # mirror about half of the images, in one operation
+                batch[0] = torch.where(fl[:, None, None, None], batch[0].flip(-1), batch[0])
             if self.is_images: batch[0] = batch[0].float().div_(255)  # (B, C, H, W) in [0, 1]
             yield tuple(batch)
 

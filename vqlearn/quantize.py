@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import all_gather_rows, all_reduce_sum, broadcast_, dist_info
 from .metrics import perplexity as _perplexity  # the one entropy/perplexity implementation (lesson 03b)
 
 # %% auto #0
@@ -17,10 +18,11 @@ __all__ = ['sq_distances', 'nearest_code', 'check_latents', 'code_stats', 'VQOut
 # %% ../nbs/05_quantize.ipynb #57e7a811
 def sq_distances(z: torch.Tensor,  # (N, D) vectors
                  codebook: torch.Tensor,  # (K, D) codes
-                ) -> torch.Tensor:  # (N, K) squared distances, float32
-    "Squared Euclidean distances between rows of `z` and rows of `codebook`, as ||z||^2 - 2 z.e + ||e||^2 in float32."
+                ) -> torch.Tensor:  # (N, K) squared distances, float32 (float64 for a float64 codebook)
+    "Squared Euclidean distances between rows of `z` and rows of `codebook`, as ||z||^2 - 2 z.e + ||e||^2 in float32 or better."
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z, e = z.float(), codebook.float()
+        dt = torch.promote_types(codebook.dtype, torch.float32)     # half precision is computed in float32
+        z, e = z.to(dt), codebook.to(dt)
         d = z.pow(2).sum(1, keepdim=True) - 2 * (z @ e.t()) + e.pow(2).sum(1)[None]  # (N, K)
     return d.clamp_min_(0)
 
@@ -124,21 +126,35 @@ class _VQBase(nn.Module):
         "k-means initialisation of the codebook from the first training batch `flat` (N, D)."
         if self._initted: return
         if bool(self.initted): self._initted = True; return
+        flat = all_gather_rows(flat)                                 # with several processes: the whole group's batch
         self._set_codes(torch.ones(self.num_codes, dtype=torch.bool, device=flat.device),
-                        kmeans(flat.float(), self.num_codes, self.kmeans_iters))
+                        kmeans(flat.to(self.codebook.dtype), self.num_codes, self.kmeans_iters))
+        self._broadcast_codebook()
         self.initted.fill_(True); self._initted = True
 
     @torch.no_grad()
     def _maybe_restart(self, flat: torch.Tensor, codes: torch.Tensor):
         "Track when each code was last used; re-seed codes unused for `restart_after` steps from encoder outputs."
         self.step += 1
-        self.last_used.scatter_(0, codes, self.step.expand(codes.shape))  # no host sync
+        used = all_reduce_sum(torch.bincount(codes, minlength=self.num_codes)) > 0  # (K,) used by any process
+        self.last_used.masked_fill_(used, self.step)  # no host sync
         if self.restart_after is None: return
-        dead = (self.step - self.last_used) >= self.restart_after  # (K,)
-        # one random encoder output (from this batch) per code; only the dead ones are used. No host sync.
+        dead = (self.step - self.last_used) >= self.restart_after  # (K,), the same in every process
+        # one random encoder output (from the group's batch) per code; only the dead ones are used. No host sync.
+        flat = all_gather_rows(flat)
         idx = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
-        self._set_codes(dead, flat[idx].float())
+        self._set_codes(dead, flat[idx].to(self.codebook.dtype))
+        self._broadcast_codebook()  # process 0's draw decides
         self.last_used[dead] = self.step  # give the new codes time to be picked
+
+    def _codebook_state(self) -> list[torch.Tensor]:
+        "The tensors that define the codebook (kept identical in every process)."
+        return [self.codebook.data]
+
+    def _broadcast_codebook(self):
+        "Copy process 0's codebook to every process (nothing to do in one process)."
+        if dist_info()[1] > 1:
+            for t in self._codebook_state(): broadcast_(t)
 
     def _stats(self, codes):
         _, perplexity, usage = code_stats(codes, self.num_codes)
@@ -189,8 +205,9 @@ class VectorQuantizer(_VQBase):
         flat, codes = self._assign(z_e)  # (N, D), (N,)
         B, D, H, W = z_e.shape
         e_k = self.embedding[codes].view(B, H, W, D).movedim(-1, 1)  # (B, D, H, W)
-        codebook_loss = F.mse_loss(e_k.float(), z_e.detach().float())  # moves the codes
-        commitment_loss = F.mse_loss(z_e.float(), e_k.detach().float())  # moves the encoder
+        dt = e_k.dtype  # the codebook's: float32, or float64 in a float64 model (also under half-precision autocast)
+        codebook_loss = F.mse_loss(e_k, z_e.detach().to(dt))  # moves the codes
+        commitment_loss = F.mse_loss(z_e.to(dt), e_k.detach())  # moves the encoder
         z_q = z_e + (e_k.to(z_e.dtype) - z_e).detach()  # straight-through: value e_k, gradient identity
         if self.training: self._maybe_restart(flat.detach(), codes)
         perplexity, usage = self._stats(codes)
@@ -232,13 +249,17 @@ class VectorQuantizerEMA(_VQBase):
         self.cluster_size[mask] = 1.0
         self.embed_sum[mask] = new[mask]
 
+    def _codebook_state(self) -> list[torch.Tensor]: return [self.embedding, self.cluster_size, self.embed_sum]
+
     @torch.no_grad()
     def ema_update(self, flat: torch.Tensor, codes: torch.Tensor):
         "One EMA step from vectors `flat` (N, D) assigned to `codes` (N,)."
         K, g = self.num_codes, self.decay
-        flat = flat.float()
-        n_k = torch.bincount(codes, minlength=K).float()  # (K,)
-        s_k = torch.zeros(K, self.dim, device=flat.device).index_add_(0, codes, flat)  # (K, D)
+        flat = flat.to(self.embedding.dtype)  # float32 (float64 in a float64 model)
+        n_k = torch.bincount(codes, minlength=K).to(flat.dtype)  # (K,)
+        s_k = torch.zeros(K, self.dim, device=flat.device, dtype=flat.dtype).index_add_(0, codes, flat)  # (K, D)
+        if dist_info()[1] > 1:  # the group's counts and sums: every process makes the same update
+            both = all_reduce_sum(torch.cat([n_k[:, None], s_k], 1)); n_k, s_k = both[:, 0], both[:, 1:]
         self.cluster_size.mul_(g).add_(n_k, alpha=1 - g)
         self.embed_sum.mul_(g).add_(s_k, alpha=1 - g)
         n = self.cluster_size.sum()
@@ -249,7 +270,7 @@ class VectorQuantizerEMA(_VQBase):
         flat, codes = self._assign(z_e)  # (N, D), (N,)
         B, D, H, W = z_e.shape
         e_k = self.embedding[codes].view(B, H, W, D).movedim(-1, 1)  # (B, D, H, W), a buffer: no gradient
-        commitment_loss = F.mse_loss(z_e.float(), e_k.float())
+        commitment_loss = F.mse_loss(z_e.to(e_k.dtype), e_k)
         z_q = z_e + (e_k.to(z_e.dtype) - z_e).detach()
         if self.training:
             self.ema_update(flat.detach(), codes)

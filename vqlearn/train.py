@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .core import get_device, eval_mode, save_tensors, load_tensors, load_model_state
+from .core import get_device, eval_mode, save_tensors, load_tensors, load_model_state, init_distributed, all_reduce_sum
 
 # %% auto #0
 __all__ = ['History', 'lr_multiplier', 'save_checkpoint', 'load_checkpoint', 'fit']
@@ -245,7 +245,8 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
         batch_tfm: Callable | None = None, compile: bool | str = False) -> History:
     """Train `model` on batches from `dl` for `steps` (or `epochs`), `budget_s` seconds, or whichever ends first;
     `step_fn(model, batch)` returns a dict of 0-dim tensors whose 'loss' is minimised. Returns the `History` of logged
-    values (means over each `log_every` steps). `compile=True` (or a backend name) runs the model through `torch.compile`."""
+    values (means over each `log_every` steps). `compile=True` (or a backend name) runs the model through `torch.compile`.
+    Under `torchrun` it trains with DistributedDataParallel: logged values are group means, and process 0 writes `ckpt`."""
     if steps is not None and epochs is not None: raise ValueError("give steps= or epochs=, not both")
     if steps is None and epochs is None and budget_s is None: raise ValueError("give steps=, epochs= or budget_s= (a budget may cap steps or epochs)")
     total = None if steps is None and epochs is None else int(steps if steps is not None else epochs * len(dl))
@@ -257,9 +258,15 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
     if resume and ckpt is None: raise ValueError("resume=True needs ckpt=, the checkpoint file to resume from")
     wfrac = _warmup_fraction(warmup, total)
     lr_multiplier(0.5, sched, wfrac)                                      # an unknown schedule fails now, not at step 1
+    rank, world = init_distributed()                                     # (0, 1) unless launched by torchrun
     device = get_device(device)
+    if world > 1 and device.type == 'cuda' and device.index is None: device = torch.device('cuda', torch.cuda.current_device())
     model.to(device)
-    fwd = torch.compile(model, backend=compile if isinstance(compile, str) else 'inductor') if compile else model
+    fwd = model
+    if world > 1:  # gradients averaged over the group; buffers (codebooks) are kept in step by their owners
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                        broadcast_buffers=False)
+    if compile: fwd = torch.compile(fwd, backend=compile if isinstance(compile, str) else 'inductor')
     opt = opt or torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     base_lrs = [g.get('initial_lr', g['lr']) for g in opt.param_groups]
     for g, b in zip(opt.param_groups, base_lrs): g['initial_lr'] = b
@@ -281,7 +288,8 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
         state = dict(step=s, steps=total, budget_s=budget_s, elapsed_s=elapsed, history=hist, log_sums=acc, log_n=n_acc,
                      **_rng_state(device))
         if holder is not None: state['step_fn'] = holder.state_dict()
-        save_checkpoint(ckpt, model, opt, **state)
+        if rank == 0: save_checkpoint(ckpt, model, opt, **state)
+        if world > 1: torch.distributed.barrier()                        # nobody reads a half-written checkpoint
 
     t_last = time.perf_counter()
     def tick(sync: bool = False):                                         # add the time since the last tick
@@ -323,7 +331,10 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
         n_acc, s = n_acc + 1, s + 1
         tick()
         done = over(s, elapsed)
+        if world > 1 and budget_s is not None:                            # clocks differ: stop together
+            done = bool(all_reduce_sum(torch.tensor(float(done), device=device)) > 0)
         if s % log_every == 0 or done:
+            if world > 1: acc = dict(zip(acc, all_reduce_sum(torch.stack(list(acc.values()))) / world))   # group means
             rec = {k: (v / n_acc).item() for k, v in acc.items()}         # the one sync per log interval
             if not math.isfinite(rec['loss']): raise FloatingPointError(f"loss is {rec['loss']} at step {s}; try a lower lr or clip=")
             hist.add(s, **rec, lr=opt.param_groups[0]['lr']); acc, n_acc = {}, 0

@@ -181,7 +181,8 @@ def vqvae_step(model: VQVAE, batch) -> dict:
     "One VQ-VAE training step for `vqlearn.train.fit`: batch (x, y) or x -> dict(loss, mse, vq, perplexity, usage)."
     x = batch[0] if isinstance(batch, (tuple, list)) else batch  # (B, C, H, W) in [0, 1]
     x_hat, q = model(x)
-    mse = F.mse_loss(x_hat.float(), x.float())
+    dt = torch.promote_types(x_hat.dtype, torch.float32)  # float32 under autocast, float64 in a float64 model
+    mse = F.mse_loss(x_hat.to(dt), x.to(dt))
     return dict(loss=mse + q.loss, mse=mse.detach(), vq=q.loss.detach(), perplexity=q.perplexity, usage=q.usage)
 
 # %% ../nbs/06_vqvae.ipynb #76bcbbf4
