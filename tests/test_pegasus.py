@@ -90,3 +90,22 @@ def test_pegasus_scores_balance_and_pass():
     assert torch.allclose(s['balance'], torch.minimum(s['p_a'], s['p_b']) / torch.maximum(s['p_a'], s['p_b']))
     none = pegasus_scores(judge, x, real, max_distance=0.0, pair=(0, 2))
     assert not none['passed'].any()
+
+def test_blend_pairs_ends_midpoints_and_errors():
+    "blend_pairs decodes the posterior means at t = 0 and 1, the lerp / slerp midpoint in between, and checks its input."
+    from vqlearn.pegasus import blend_pairs
+    from vqlearn.vae import ConvVAE
+    torch.manual_seed(0)
+    vae = ConvVAE(32, latent_dim=8, width=4).eval()
+    xa, xb = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        ma, mb = vae.encode(xa.float() / 255)[0], vae.encode(xb)[0]                 # (5, 8) posterior means
+        for t, z in [(0.0, ma), (1.0, mb), (0.5, (ma + mb) / 2)]:
+            torch.testing.assert_close(blend_pairs(vae, xa, xb, t, 'lerp'), vae.decode(z), atol=1e-5, rtol=1e-4)
+        s = blend_pairs(vae, xa, xb, 0.5, 'slerp', batch_size=2)                     # in batches of 2: the same
+        cos = (ma * mb).sum(1) / (ma.norm(dim=1) * mb.norm(dim=1))
+        w = torch.sin(0.5 * torch.arccos(cos)) / torch.sin(torch.arccos(cos))       # slerp weights at t = 0.5
+        torch.testing.assert_close(s, vae.decode(w[:, None] * (ma + mb)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="'lerp' or 'slerp'"): blend_pairs(vae, xa, xb, 0.5, 'cubic')
+    with pytest.raises(ValueError, match='one shape'): blend_pairs(vae, xa, xb[:4], 0.5)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'): blend_pairs(vae, xa, xb, 1.5)
