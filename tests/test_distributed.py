@@ -30,6 +30,7 @@ SCRIPT = textwrap.dedent('''
         books.append(torch.cat([q.embedding, q.cluster_size[:, None], q.embed_sum], 1).clone())   # after this step's update
         return out
     h = fit(m, dl, step, steps=steps, lr=3e-3, log_every=1, device='cpu', progress=False, ckpt=ckpt, resume=resume)
+    assert dl.world_size == world and DeviceLoader((x,), batch_size=16).world_size == 1   # fit sharded its loader only
     torch.save(dict(state=m.state_dict(), books=books, loss=h['loss'], restarted=restarted, world=world), f"{out}.{rank}.pt")
 ''')
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader
-from .core import Settings, dist_info, get_device, save_tensors, load_tensors
+from .core import Settings, get_device, save_tensors, load_tensors
 
 # %% auto #0
 __all__ = ['SHAPES', 'CIFAR10_CLASSES', 'STL10_CLASSES', 'KAOKORE_LABELS', 'KAOKORE_REPO', 'DATASETS', 'CODES_FORMAT',
@@ -348,16 +348,12 @@ def _check_batch_size(batch_size) -> int:
 class DeviceLoader:
     """Batches of in-memory data held on `device`, shuffled and flipped there. From an ArrayDataset: (x float (B, C, H, W)
     in [0, 1], y int64 (B,)); from a tuple of tensors sharing dim 0: tuples of their rows (None stays None, dtypes kept).
-    With several processes (`rank` of `world_size`, by default those of torch.distributed) every process draws the same
-    batches of `batch_size` and keeps its own slice of each, so the group as a whole sees the batches of one process."""
+    Sharded (`rank` of `world_size`; `fit` shards its loader itself under torchrun) every process draws the same batches
+    of `batch_size` and keeps its own slice of each, so the group as a whole sees the batches of one process."""
     def __init__(self, data, batch_size: int = 64, shuffle: bool = True, flip: bool = False,
-                 drop_last: bool = False, device=None, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 drop_last: bool = False, device=None, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.batch_size = _check_batch_size(batch_size)
-        r, w = dist_info()
-        self.rank, self.world_size = r if rank is None else rank, w if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size or batch_size % self.world_size:
-            raise ValueError(f"rank must lie in [0, world_size) and batch_size be a multiple of world_size; got rank "
-                             f"{self.rank}, world_size {self.world_size}, batch_size {batch_size}")
+        self.shard(rank, world_size)
         self.is_images = isinstance(data, ArrayDataset)
         if self.is_images: tensors = (data.images, data.labels)
         elif (isinstance(data, (tuple, list)) and all(t is None or isinstance(t, torch.Tensor) for t in data)
@@ -381,6 +377,13 @@ class DeviceLoader:
         self.tensors = tuple(None if t is None else t.to(self.device) for t in tensors)
         self.shuffle, self.flip, self.drop_last, self.seed = shuffle, flip, drop_last, seed
         self.epoch, self.dataset = 0, data
+
+    def shard(self, rank: int, world_size: int):
+        "Keep slice `rank` of `world_size` of every batch from now on (1 of 1: whole batches)."
+        if not 0 <= rank < world_size or self.batch_size % world_size:
+            raise ValueError(f"rank must lie in [0, world_size) and batch_size be a multiple of world_size; got rank "
+                             f"{rank}, world_size {world_size}, batch_size {self.batch_size}")
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self): return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 

@@ -269,6 +269,9 @@ def fit(model: nn.Module, dl, step_fn: Callable, steps: int | None = None, epoch
     if channels_last: model.to(memory_format=torch.channels_last)
     fwd = model
     if world > 1:  # gradients averaged over the group; buffers (codebooks) are kept in step by their owners
+        if hasattr(dl, 'shard'):
+            if dl.world_size == 1: dl.shard(rank, world)                  # each process: its slice of every batch
+        else: warnings.warn(f"fit under torchrun: {type(dl).__name__} is not a DeviceLoader, so every process sees every batch")
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                                         broadcast_buffers=False)
     if compile: fwd = torch.compile(fwd, backend=compile if isinstance(compile, str) else 'inductor')
