@@ -65,7 +65,7 @@ def test_torchrun_matches_one_process_and_resumes(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason='this torch has no torch.distributed')
 def test_vqlearn_train_under_torchrun(tmp_path):
-    "`torchrun -m vqlearn.cli train vqvae`: two processes train one model; process 0 alone writes and reports it."
+    "`torchrun -m vqlearn.cli train vqvae` and `train prior`: two processes train one model; process 0 alone writes and reports it."
     import numpy as np
     from vqlearn.vqvae import VQVAE
     g = np.random.default_rng(0)
@@ -80,3 +80,8 @@ def test_vqlearn_train_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('wrote ') == 1 and 'after 3 steps' in r.stdout
     assert VQVAE.from_checkpoint(out).num_codes == 512
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'vqlearn.cli',
+                        'train', 'prior', '--data', str(tmp_path / 'hb.npz'), '--vqvae', str(out), '--out', str(tmp_path / 'p.safetensors'),
+                        '--steps', '2', '--device', 'cpu', '--threads', '1'], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]                        # the prior's step goes through DDP's forward
+    assert r.stdout.count('wrote ') == 1 and 'held-out NLL' in r.stdout

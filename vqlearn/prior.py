@@ -48,7 +48,9 @@ def unigram_entropy(codes: torch.Tensor, num_codes: int) -> float:
 def prior_step(model: GatedPixelCNN, batch) -> dict:
     "A `fit` step function: cross-entropy (nats per code) of a batch (codes, labels or None)."
     codes, labels = batch if len(batch) == 2 else (batch[0], None)
-    return {'loss': model.nll(codes, labels if model.n_classes else None)}
+    net = getattr(model, 'module', model)        # the prior itself, also when fit wraps it for many processes
+    logits = model(codes, labels if net.n_classes else None)       # through the wrapper's forward (gradients synced)
+    return {'loss': F.cross_entropy(logits, codes.long())}
 
 
 @torch.no_grad()

@@ -341,7 +341,9 @@ class HierarchicalPrior(Checkpointable, nn.Module):
 def prior2_step(model: HierarchicalPrior, batch) -> dict:
     "A `fit` step: batch (top, bottom, labels or None) -> loss = top NLL + bottom NLL (nats per code), and each."
     top, bottom, labels = batch
-    nll = model.nll(top, bottom, labels if model.n_classes else None)
+    net = getattr(model, 'module', model)        # the prior itself, also when fit wraps it for many processes
+    logits = model(top, bottom, labels if net.n_classes else None)   # through the wrapper's forward (gradients synced)
+    nll = {k: F.cross_entropy(v, c.long()) for (k, v), c in zip(logits.items(), (top, bottom))}
     return dict(loss=nll['top'] + nll['bottom'], top_nll=nll['top'].detach(), bottom_nll=nll['bottom'].detach())
 
 @torch.no_grad()
