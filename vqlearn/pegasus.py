@@ -9,6 +9,7 @@ from .core import eval_mode, model_device, seed_everything
 from .pixelcnn import GatedPixelCNN
 from .prior import fit_prior, sample_images
 from .train import History
+from .data import image_batches
 from .judge import Judge, judge_outputs
 from .vae import ConvVAE, lerp, slerp
 from .vqvae2 import HierarchicalPrior, fit_prior2, sample_images2
@@ -109,11 +110,10 @@ def blend_pairs(vae: ConvVAE, xa: torch.Tensor, xb: torch.Tensor, t: float = 0.5
         raise ValueError(f"xa and xb must be image batches (N, C, H, W) of one shape; got {tuple(xa.shape)} and {tuple(xb.shape)}")
     if not 0 <= t <= 1: raise ValueError(f"t must lie in [0, 1]; got {t}")
     dev, path = model_device(vae), (lerp if mode == 'lerp' else slerp)
-    as_float = lambda x: (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(dev)
     out = []
     with eval_mode(vae):
-        for i in range(0, len(xa), batch_size):
-            za, zb = vae.encode(as_float(xa[i:i + batch_size]))[0], vae.encode(as_float(xb[i:i + batch_size]))[0]   # (b, D)
+        for (a, _), (b, _) in zip(image_batches(xa, batch_size, dev), image_batches(xb, batch_size, dev)):
+            za, zb = vae.encode(a)[0], vae.encode(b)[0]                                        # (b, D) posterior means
             out.append(vae.decode(path(za, zb, t)))
     return torch.cat(out)
 
