@@ -321,7 +321,11 @@ class HierarchicalPrior(Checkpointable, nn.Module):
 
     def nll(self, top: torch.Tensor, bottom: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
         "Mean NLL in nats per code of each level: {'top': scalar, 'bottom': scalar}."
-        logits = self(top, bottom, labels)
+        return self.nll_of(self(top, bottom, labels), top, bottom)
+
+    @staticmethod
+    def nll_of(logits: dict[str, torch.Tensor], top: torch.Tensor, bottom: torch.Tensor) -> dict[str, torch.Tensor]:
+        "Mean NLL in nats per code of each level from the logits `forward` returned for maps `top` and `bottom`."
         return {k: F.cross_entropy(v, c.long()) for (k, v), c in zip(logits.items(), (top, bottom))}
 
     @torch.no_grad()
@@ -342,8 +346,7 @@ def prior2_step(model: HierarchicalPrior, batch) -> dict:
     "A `fit` step: batch (top, bottom, labels or None) -> loss = top NLL + bottom NLL (nats per code), and each."
     top, bottom, labels = batch
     net = getattr(model, 'module', model)        # the prior itself, also when fit wraps it for many processes
-    logits = model(top, bottom, labels if net.n_classes else None)   # through the wrapper's forward (gradients synced)
-    nll = {k: F.cross_entropy(v, c.long()) for (k, v), c in zip(logits.items(), (top, bottom))}
+    nll = net.nll_of(model(top, bottom, labels if net.n_classes else None), top, bottom)   # through the wrapper's forward
     return dict(loss=nll['top'] + nll['bottom'], top_nll=nll['top'].detach(), bottom_nll=nll['bottom'].detach())
 
 @torch.no_grad()
