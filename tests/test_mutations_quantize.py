@@ -164,11 +164,11 @@ MUTANTS = {  # name: (classes to check, owner, function, (old text, new text), .
     'EMA: no Laplace smoothing': (
         (_E,), _E, 'ema_update', ('(self.cluster_size + self.eps) / (n + K * self.eps) * n', 'self.cluster_size')),
     'EMA: codebook updated in eval mode too': (
-        (_E,), _E, 'forward', ('    if self.training:\n        self.ema_update(flat.detach(), codes)\n',
-                               '    self.ema_update(flat.detach(), codes)\n    if self.training:\n')),
+        (_E,), _E, 'forward', ('    if self.training:\n        counts = self.ema_update(flat.detach(), codes)\n',
+                               '    counts = self.ema_update(flat.detach(), codes)\n    if self.training:\n')),
     'EMA: codebook updated before its codes are used': (
-        (_E,), _E, 'forward', ('    if self.training:\n        self.ema_update(flat.detach(), codes)\n', '    if self.training:\n'),
-        ('e_k = self.embedding[codes]', 'self.training and self.ema_update(flat.detach(), codes); e_k = self.embedding[codes]')),
+        (_E,), _E, 'forward', ('    if self.training:\n        counts = self.ema_update(flat.detach(), codes)\n', '    if self.training:\n'),
+        ('e_k = self.embedding[codes]', 'counts = self.training and self.ema_update(flat.detach(), codes); e_k = self.embedding[codes]')),
 }
 
 

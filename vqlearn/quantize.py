@@ -133,10 +133,10 @@ class _VQBase(nn.Module):
         self.initted.fill_(True); self._initted = True
 
     @torch.no_grad()
-    def _maybe_restart(self, flat: torch.Tensor, codes: torch.Tensor):
+    def _maybe_restart(self, flat: torch.Tensor, codes: torch.Tensor, used: torch.Tensor | None = None):
         "Track when each code was last used; re-seed codes unused for `restart_after` steps from encoder outputs."
         self.step += 1
-        used = all_reduce_sum(torch.bincount(codes, minlength=self.num_codes)) > 0  # (K,) used by any process
+        if used is None: used = all_reduce_sum(torch.bincount(codes, minlength=self.num_codes)) > 0  # (K,) used by any process
         self.last_used.masked_fill_(used, self.step)  # no host sync
         if self.restart_after is None: return
         dead = (self.step - self.last_used) >= self.restart_after  # (K,), the same in every process
@@ -252,8 +252,8 @@ class VectorQuantizerEMA(_VQBase):
     def _codebook_state(self) -> list[torch.Tensor]: return [self.embedding, self.cluster_size, self.embed_sum]
 
     @torch.no_grad()
-    def ema_update(self, flat: torch.Tensor, codes: torch.Tensor):
-        "One EMA step from vectors `flat` (N, D) assigned to `codes` (N,)."
+    def ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        "One EMA step from vectors `flat` (N, D) assigned to `codes` (N,); returns the code counts (K,) (the group's, under torchrun)."
         K, g = self.num_codes, self.decay
         flat = flat.to(self.embedding.dtype)  # float32 (float64 in a float64 model)
         n_k = torch.bincount(codes, minlength=K).to(flat.dtype)  # (K,)
@@ -265,6 +265,7 @@ class VectorQuantizerEMA(_VQBase):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing
         self.embedding = self.embed_sum / smoothed[:, None]                       # a new tensor (see above)
+        return n_k
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:  # z_e: (B, D, H, W)
         flat, codes = self._assign(z_e)  # (N, D), (N,)
@@ -273,8 +274,8 @@ class VectorQuantizerEMA(_VQBase):
         commitment_loss = F.mse_loss(z_e.to(e_k.dtype), e_k)
         z_q = z_e + (e_k.to(z_e.dtype) - z_e).detach()
         if self.training:
-            self.ema_update(flat.detach(), codes)
-            self._maybe_restart(flat.detach(), codes)
+            counts = self.ema_update(flat.detach(), codes)
+            self._maybe_restart(flat.detach(), codes, used=counts > 0)
         perplexity, usage = self._stats(codes)
         return VQOutput(z_q, codes.view(B, H, W), self.beta * commitment_loss, perplexity, usage,
                         commitment_loss, torch.zeros((), device=z_e.device))
