@@ -238,8 +238,7 @@ def _train(args) -> int:
         print(f"wrote the weights and {Path(args.out) / 'manifest.json'}: " + json.dumps({k: round(v, 4) for k, v in man['metrics'].items()}))
         return 0
     out = _output_path(args.out, '.safetensors')
-    minutes = args.minutes if args.steps is None else None
-    minutes = 5.0 if minutes is None and args.steps is None else minutes
+    minutes = None if args.steps is not None else args.minutes or 5.0       # a step count replaces the time budget
     from vqlearn.train import save_checkpoint
     if args.what in ('vqvae', 'vqvae2'):
         train, valid = _npz_data(args.data)
