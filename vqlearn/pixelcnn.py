@@ -329,8 +329,11 @@ def sample_naive(model: GatedPixelCNN, u: torch.Tensor, labels=None, cond=None, 
 # %% ../nbs/07_pixelcnn.ipynb #ed317863
 @torch.no_grad()
 def sample_fast(model: GatedPixelCNN, u: torch.Tensor, labels=None, cond=None, temperature: float = 1.0,
-                top_k: int | None = None) -> torch.Tensor:
-    "Cached incremental sampler: per-layer row caches, the vertical stack once per row, attention keys/values cached per position. Same draws as `sample_naive`."
+                top_k: int | None = None, embed_drawn=None) -> torch.Tensor:
+    """Cached incremental sampler: per-layer row caches, the vertical stack once per row, attention keys/values cached per
+    position. Same draws as `sample_naive`. `embed_drawn(h, codes, i, j)`, if given, returns the input embedding (B, d) of
+    position (i, j) once its codes (B,) are drawn, from the last layer's features `h` (B, d) there (default: the code's
+    embedding; lesson 11's hybrid prior draws a scalar there too)."""
     _check_uniforms(u); _check_sampling_args(temperature, top_k)
     B, H, W = u.shape
     labels, cond = model.check_condition(B, H, W, labels, cond)
@@ -398,7 +401,7 @@ def sample_fast(model: GatedPixelCNN, u: torch.Tensor, labels=None, cond=None, t
             finite.logical_and_(torch.isfinite(logits).all())                 # checked once per row: no sync here
             drawn = pick_codes(logits, u[:, i, j], temperature, top_k, check=False)  # (B,)
             codes[:, i, j] = drawn
-            e = E[drawn]                                                           # (B, d)
+            e = E[drawn] if embed_drawn is None else embed_drawn(horiz_row[L][:, n + j], drawn, i, j)  # (B, d)
             horiz_row[0][:, n + j] = e
             vert_in[0][:, :, n, n + j] = e
             for l, blk in attn.items():                                        # code t is known: cache key and value t

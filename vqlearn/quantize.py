@@ -66,6 +66,7 @@ class VQOutput(NamedTuple):
     usage: torch.Tensor  # () fraction of the K codes used by this batch
     commitment_loss: torch.Tensor | None = None  # () ||z_e - sg[e]||^2 (mean), before the factor beta
     codebook_loss: torch.Tensor | None = None  # () ||sg[z_e] - e||^2 (mean); zero for EMA codebooks
+    extra: dict | None = None  # anything else a quantizer reports (lesson 11's hybrid quantizers: their continuous parts)
 
 # %% ../nbs/05_quantize.ipynb #f1952b11
 class _VQBase(nn.Module):
