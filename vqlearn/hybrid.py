@@ -38,37 +38,33 @@ def project(z: Tensor,  # (B, D, H, W) vectors to project
 
 # %% ../nbs/11_hybrid.ipynb #215ba965
 class HybridVQ(nn.Module):
-    "Base of the hybrid quantizers: a course quantizer inside ('ema': EMA, k-means start, restarts; or 'plain'), and a running table of code frequencies."
+    "Base of the hybrid quantizers: a course quantizer inside ('ema': EMA, k-means start, restarts; or 'plain'), its lookup and checks."
     part = None  # the key of the continuous part in VQOutput.extra ('alpha' or 'z')
     def __init__(self, num_codes: int = 512, dim: int = 64, beta: float = 0.25,
                  codebook: str = 'ema',  # 'ema' (EMA codebook) or 'plain' (codebook loss, uniform(-1/K, 1/K) start)
                  decay: float = 0.99,  # EMA decay of the codebook ('ema')
                  restart_after: int | None = 20,  # re-seed codes unused this many steps (None: never)
-                 kmeans_init: bool = True,  # k-means start on the first batch
-                 freq_decay: float = 0.99):  # decay of the running frequency table
+                 kmeans_init: bool = True):  # k-means start on the first batch
         super().__init__()
         if codebook == 'ema':
             self.vq = VectorQuantizerEMA(num_codes, dim, beta, decay, kmeans_init=kmeans_init, restart_after=restart_after)
         elif codebook == 'plain':
             self.vq = VectorQuantizer(num_codes, dim, beta, kmeans_init=kmeans_init, restart_after=restart_after)
         else: raise ValueError(f"codebook must be 'ema' or 'plain'; got {codebook!r}")
-        if not 0 <= freq_decay < 1: raise ValueError(f"freq_decay must be in [0, 1), got {freq_decay}")
-        self.num_codes, self.dim, self.beta, self.freq_decay = num_codes, dim, beta, freq_decay
-        self.register_buffer('freq', torch.zeros(num_codes))             # (K,) running frequency of each code
+        self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.config = dict(num_codes=num_codes, dim=dim, beta=beta, codebook=codebook, decay=decay,
-                           restart_after=restart_after, kmeans_init=kmeans_init, freq_decay=freq_decay)
+                           restart_after=restart_after, kmeans_init=kmeans_init)
 
     @property
     def codebook(self) -> Tensor: return self.vq.codebook               # (K, D)
     def lookup(self, codes: Tensor) -> Tensor: return self.vq.lookup(codes)  # (B, H, W) -> (B, D, H, W)
     def quantize(self, z_e: Tensor) -> Tensor: return self.vq.quantize(z_e)  # (B, D, H, W) -> (B, H, W) codes
 
-    @torch.no_grad()
-    def _count(self, codes: Tensor):
-        "Update the running frequency table with this batch's codes (training only; the group's counts under torchrun)."
-        if not self.training: return
-        n = all_reduce_sum(torch.bincount(codes.reshape(-1), minlength=self.num_codes).float())
-        self.freq.mul_(self.freq_decay).add_(n / n.sum(), alpha=1 - self.freq_decay)
+    def _scaled_codes(self, codes: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        "The code vectors e (B, D, H, W) of `codes` (B, H, W) and alpha * e, for coefficients `alpha` of the codes' shape."
+        if alpha.shape != codes.shape: raise ValueError(f"alpha must have the shape of codes {tuple(codes.shape)}; got {tuple(alpha.shape)}")
+        e = self.lookup(codes)
+        return e, alpha[:, None].to(e.dtype) * e
 
     def extra_repr(self) -> str:
         return ', '.join(f'{k}={v}' for k, v in self.config.items() if k not in ('num_codes', 'dim', 'beta', 'decay'))
@@ -95,27 +91,35 @@ class ProjectedVQ(HybridVQ):
 
     def forward(self, z_e: Tensor) -> VQOutput:  # z_e: (B, D, H, W)
         q = self.vq(z_e)
-        self._count(q.codes)
         alpha, zbar, ploss = projected_latent(z_e, q.z_q, self.stable, self.eps)
         return q._replace(z_q=zbar, loss=q.loss + self.weight * ploss, extra=dict(alpha=alpha, proj_loss=ploss.detach()))
 
     def compose(self, codes: Tensor, alpha: Tensor) -> Tensor:
         "The hybrid latent (B, D, H, W) from codes (B, H, W) and coefficients alpha (B, H, W)."
-        e = self.lookup(codes)
-        if alpha.shape != codes.shape: raise ValueError(f"alpha must have the shape of codes {tuple(codes.shape)}; got {tuple(alpha.shape)}")
-        return alpha[:, None].to(e.dtype) * e
+        return self._scaled_codes(codes, alpha)[1]
 
 
 @register_quantizer
 class FrequencyMaskedVQ(HybridVQ):
-    "The frequency-masked latent: z_q at positions whose code is among the `keep_top` most frequent, the encoder's z_e elsewhere."
+    "The frequency-masked latent: z_q at positions whose code is among the `keep_top` most frequent (a running table), the encoder's z_e elsewhere."
     part = 'z'
-    def __init__(self, num_codes: int = 512, dim: int = 64, keep_top: int | None = None, beta: float = 0.25, **kw):
+    def __init__(self, num_codes: int = 512, dim: int = 64, keep_top: int | None = None, beta: float = 0.25,
+                 freq_decay: float = 0.99,  # decay of the running frequency table
+                 **kw):
         super().__init__(num_codes, dim, beta, **kw)
         keep_top = num_codes if keep_top is None else keep_top
         if not 1 <= keep_top <= num_codes: raise ValueError(f"keep_top must be in [1, {num_codes}] (S of the K codes); got {keep_top}")
-        self.keep_top = keep_top
-        self.config.update(keep_top=keep_top)
+        if not 0 <= freq_decay < 1: raise ValueError(f"freq_decay must be in [0, 1), got {freq_decay}")
+        self.keep_top, self.freq_decay = keep_top, freq_decay
+        self.register_buffer('freq', torch.zeros(num_codes))             # (K,) running frequency of each code
+        self.config.update(keep_top=keep_top, freq_decay=freq_decay)
+
+    @torch.no_grad()
+    def _count(self, codes: Tensor):
+        "Update the running frequency table with this batch's codes (training only; the group's counts under torchrun)."
+        if not self.training: return
+        n = all_reduce_sum(torch.bincount(codes.reshape(-1), minlength=self.num_codes).float())
+        self.freq.mul_(self.freq_decay).add_(n / n.sum(), alpha=1 - self.freq_decay)
 
     def kept_codes(self) -> Tensor:
         "(K,) bool: the `keep_top` most frequent codes of the running table (all of them when keep_top = K)."
@@ -158,9 +162,8 @@ class ProjectedFrequencyVQ(FrequencyMaskedVQ):
 
     def compose(self, codes: Tensor, alpha: Tensor) -> Tensor:
         "The hybrid latent (B, D, H, W): code vectors where the code is kept, alpha * code vector elsewhere."
-        e = self.lookup(codes)
-        if alpha.shape != codes.shape: raise ValueError(f"alpha must have the shape of codes {tuple(codes.shape)}; got {tuple(alpha.shape)}")
-        return torch.where(self.keep_mask(codes)[:, None], e, alpha[:, None].to(e.dtype) * e)
+        e, scaled = self._scaled_codes(codes, alpha)
+        return torch.where(self.keep_mask(codes)[:, None], e, scaled)
 
 # %% ../nbs/11_hybrid.ipynb #82c564c5
 @torch.no_grad()
@@ -201,6 +204,8 @@ def gaussian_bits(r: Tensor,  # (N, D) values to code
     return -torch.log2(p.clamp_min(1e-300)).sum(1).float(), r_hat
 
 # %% ../nbs/11_hybrid.ipynb #ed82d854
+_LOG_SCALE = (-7.0, 7.0)  # the range the log-scales are clamped to, in the likelihood and in sampling
+
 def _log1mexp(d: Tensor) -> Tensor:
     "log(1 - exp(-d)) for d > 0, stable at both ends."
     return torch.where(d < 0.693, torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
@@ -213,7 +218,7 @@ def logistic_mixture_logprob(x: Tensor,  # (...) values, already on the grid of 
     if params.shape[-1] % 3 or params.shape[:-1] != x.shape:
         raise ValueError(f"params must have shape {tuple(x.shape)} + (3M,); got {tuple(params.shape)}")
     logit_pi, mu, log_s = params.chunk(3, -1)                            # (..., M) each
-    log_s = log_s.clamp(-7.0, 7.0)
+    log_s = log_s.clamp(*_LOG_SCALE)
     inv_s, xc = torch.exp(-log_s), x[..., None] - mu
     if bin_width is None:                                               # density: -u - log s - 2 softplus(-u)
         u = xc * inv_s
@@ -230,7 +235,7 @@ def sample_logistic_mixture(params: Tensor,  # (B, 3M)
     logit_pi, mu, log_s = params.chunk(3, -1)
     m = pick_codes(logit_pi, u[:, 0].to(params.dtype), check=False)[:, None]   # (B, 1)
     v = u[:, 1].to(params.dtype).clamp(1e-7, 1 - 1e-7)
-    return mu.gather(1, m)[:, 0] + log_s.clamp(-7.0, 7.0).gather(1, m)[:, 0].exp() * (torch.log(v) - torch.log1p(-v))
+    return mu.gather(1, m)[:, 0] + log_s.clamp(*_LOG_SCALE).gather(1, m)[:, 0].exp() * (torch.log(v) - torch.log1p(-v))
 
 # %% ../nbs/11_hybrid.ipynb #68754dc8
 def round_to(x: Tensor, precision: float | None) -> Tensor:
@@ -287,14 +292,21 @@ class HybridPixelCNN(GatedPixelCNN):
         h = self.features(self.embed(codes, alphas), labels, cond)      # (B, width, H, W): sees positions < t only
         return self.head(h), self.scalar_head(h.permute(0, 2, 3, 1) + self.code_cond(codes))
 
-    def nll_terms(self, codes: Tensor, alphas: Tensor, labels=None, precision: float | None = None) -> tuple[Tensor, Tensor]:
-        "Per-position NLL in nats (B, H, W) of the codes and of the scalars rounded to `precision` (default: the model's); 0 where no scalar."
-        precision = precision or self.precision
-        a_hat = torch.where(self.has_scalar[codes.long()], round_to(alphas, precision), 0.0)
-        logits, params = self(codes, a_hat, labels)
+    def rounded(self, codes: Tensor, alphas: Tensor, precision: float) -> Tensor:
+        "The scalars (B, H, W) as the model reads them: rounded to the grid of step `precision`, 0 where the code carries none."
+        return torch.where(self.has_scalar[codes.long()], round_to(alphas, precision), 0.0)
+
+    def nll_of(self, logits: Tensor, params: Tensor, codes: Tensor, a_hat: Tensor, precision: float) -> tuple[Tensor, Tensor]:
+        "Per-position NLL in nats (B, H, W) of the codes and of the rounded scalars `a_hat`, from the outputs of `forward`."
         code_nll = F.cross_entropy(logits, codes.long(), reduction='none')
         s_nll = -logistic_mixture_logprob(((a_hat - self.loc) / self.scale).to(params.dtype), params, precision / self.scale)
         return code_nll, s_nll * self.has_scalar[codes.long()]
+
+    def nll_terms(self, codes: Tensor, alphas: Tensor, labels=None, precision: float | None = None) -> tuple[Tensor, Tensor]:
+        "Per-position NLL in nats (B, H, W) of the codes and of the scalars rounded to `precision` (default: the model's); 0 where no scalar."
+        precision = precision or self.precision
+        a_hat = self.rounded(codes, alphas, precision)
+        return self.nll_of(*self(codes, a_hat, labels), codes, a_hat, precision)
 
     @torch.no_grad()
     def sample(self, shape=(1, 8, 8), labels=None, cond=None, temperature: float = 1.0,
@@ -334,11 +346,9 @@ def hybrid_prior_step(model: HybridPixelCNN, batch) -> dict:
     "A `fit` step: NLL in nats per position of (codes, alphas[, labels]), the scalars at the model's precision."
     codes, alphas, labels = batch if len(batch) == 3 else (*batch, None)
     net = getattr(model, 'module', model)
-    a_hat = torch.where(net.has_scalar[codes.long()], round_to(alphas, net.precision), 0.0)
-    logits, params = model(codes, a_hat, labels if net.n_classes else None)    # the wrapper's forward under torchrun
-    code = F.cross_entropy(logits, codes.long())
-    s = -(logistic_mixture_logprob(((a_hat - net.loc) / net.scale).to(params.dtype), params, net.precision / net.scale)
-          * net.has_scalar[codes.long()]).mean()
+    a_hat = net.rounded(codes, alphas, net.precision)
+    out = model(codes, a_hat, labels if net.n_classes else None)       # the wrapper's forward under torchrun
+    code, s = (t.mean() for t in net.nll_of(*out, codes, a_hat, net.precision))
     return {'loss': code + s, 'code': code.detach(), 'scalar': s.detach()}
 
 
