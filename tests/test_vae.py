@@ -301,3 +301,21 @@ def test_loss_under_autocast_is_float32():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         r = VAELoss(mse=50, ssim=1, colour=1)(m(x), x)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in r.values())
+
+
+def test_interpolation_widget_walks_the_interpolation_path():
+    "The slider's frame at t is the decoded interpolation at t; the widget is a VBox of the slider and its output."
+    pytest.importorskip('ipywidgets')
+    import matplotlib; matplotlib.use('Agg')
+    from vqlearn.vae import interpolation_widget
+    torch.manual_seed(0)
+    m = ConvVAE(32, 8, width=4).eval()
+    x0, x1 = torch.rand(3, 32, 32), torch.rand(3, 32, 32)
+    w = interpolation_widget(m, x0, x1, mode='lerp', steps=5)
+    slider, out = w.children
+    assert (slider.min, slider.max) == (0.0, 1.0) and abs(slider.step - 0.25) < 1e-12
+    path = interpolate(m, x0, x1, 5, 'lerp')
+    with torch.no_grad(): ends = m.decode(m.encode(torch.stack([x0, x1]))[0])
+    assert torch.allclose(path[0], ends[0], atol=1e-5) and torch.allclose(path[-1], ends[1], atol=1e-5)
+    slider.value = 0.5   # moving the slider redraws without error
+    assert slider.value == 0.5

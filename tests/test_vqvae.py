@@ -301,3 +301,25 @@ def test_benchmark_runs_from_a_checkout_without_installing(tmp_path):
     res = evaluate_vqvae(m, valid)
     printed = [l for l in out.stdout.splitlines() if '| ema_restart |' in l][0]
     assert printed.split('|')[2].strip() == f"{res['mse']:.4f}"  # the reloaded model scores what the benchmark printed
+
+
+def test_shipped_vqvae_artifacts(tmp_path, monkeypatch):
+    "The shipped weights serve the docs settings only; their code files hold the shipped model's codes of the lesson's images."
+    from vqlearn import vqvae as V
+    from vqlearn.core import settings
+    from vqlearn.data import get_dataset, load_codes
+    C = settings(**V.VQVAE_SETTINGS, mode='docs')
+    train = get_dataset('shapes', train=True, n=24, seed=0, size=32)
+    test = get_dataset('shapes', train=False, n=10, seed=1, size=32)
+    monkeypatch.setattr(V, 'lesson_data', lambda C: (train, test))   # stands in for the CIFAR horses and birds
+    ck, tr, te = V.vqvae_artifacts(C, 'shipped', folder=tmp_path)
+    assert ck == V.shipped_vqvae() and tr.parent == te.parent == tmp_path
+    model = V.VQVAE.from_checkpoint(ck)
+    for f, ds in ((tr, train), (te, test)):
+        codes = load_codes(f)
+        assert torch.equal(codes.maps['codes'], model.encode(ds.images.float() / 255))
+        assert torch.equal(codes.labels, ds.labels)
+    with pytest.raises(ValueError, match="docs configuration"):
+        V.vqvae_artifacts(settings(**V.VQVAE_SETTINGS, mode='quick'), 'shipped', folder=tmp_path)
+    with pytest.raises(ValueError, match="'stage' or 'shipped'"):
+        V.vqvae_artifacts(C, 'pretrained', folder=tmp_path)

@@ -1,7 +1,11 @@
-"""Refresh a notebook's saved outputs from a real run of its quick configuration (what the docs site shows).
+"""Refresh a notebook's saved outputs (what the docs site shows) from a real run, normally of its docs configuration.
 Cells flagged slow/cuda or `eval: false` are skipped, as nbdev_test does. Run from the nbs folder, then nbdev_clean:
 
-    cd nbs && VQLEARN_QUICK=1 OMP_NUM_THREADS=1 TQDM_DISABLE=1 python ../tools/exec_nbs.py 04_vae.ipynb 04_vae.ipynb && cd .. && nbdev_clean
+    cd nbs && VQLEARN_MODE=docs VQLEARN_NPZ=/path/to/cifar10-horse-bird-train.npz OMP_NUM_THREADS=2 TQDM_DISABLE=1 \
+        python ../tools/exec_nbs.py 04_vae.ipynb 04_vae.ipynb && cd .. && nbdev_clean
+
+Without `VQLEARN_NPZ` the docs configuration downloads CIFAR-10 through torchvision. Progress bars and other stderr
+output are dropped from the saved notebook: they belong in the live notebook, not on the page.
 """
 import sys
 from execnb.shell import CaptureShell
@@ -16,4 +20,6 @@ src, dst = sys.argv[1], sys.argv[2]
 nb = read_nb(src)
 sh = CaptureShell(mpl_format='png')
 sh.run_all(nb, exc_stop=True, preproc=skip)
+for cell in nb.cells:   # no stderr dumps on the page
+    if cell.cell_type == 'code': cell.outputs = [o for o in cell.get('outputs', []) if o.get('name') != 'stderr']
 write_nb(nb, dst)

@@ -18,7 +18,7 @@ from .train import History, fit, save_checkpoint
 __all__ = ['VQVAE_SETTINGS', 'QUANTIZERS', 'QUANTIZER_CLASSES', 'VQVAE_STAGE_KEYS', 'ResBlock', 'make_encoder', 'make_decoder',
            'register_quantizer', 'quantizer_spec', 'build_quantizer', 'VQVAE', 'vqvae_step', 'evaluate_vqvae',
            'train_autoencoder', 'train_vqvae', 'model_stage', 'vqvae_stage', 'extract_codes', 'code_file_stage',
-           'codes_stage']
+           'codes_stage', 'shipped_vqvae', 'vqvae_artifacts']
 
 # %% ../nbs/06_vqvae.ipynb #eb2d23a2
 _VQVAE_COMMON = dict(quantizer='ema_restart', flip=True, seed=0, min_usage=0.5)
@@ -279,3 +279,27 @@ def codes_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path
     "Path of the code file of the `split` ('train' or 'test') images of settings `C`, encoded by `vqvae_stage(C)`'s model."
     return code_file_stage('vqvae', VQVAE, lambda: vqvae_stage(C, device, folder), _encode_codes, C, split,
                            'VQVAE_SETTINGS', device, folder)
+
+# %% ../nbs/06_vqvae.ipynb #18a5ef39
+def shipped_vqvae() -> Path:
+    "Path of the VQ-VAE shipped in the package: the docs configuration's model, trained on CIFAR-10 horses and birds."
+    import vqlearn
+    path = Path(vqlearn.__file__).resolve().parent / 'weights' / 'vqvae.safetensors'
+    if not path.is_file(): raise FileNotFoundError(f"the shipped VQ-VAE weights are missing: expected {path} (reinstall vqlearn)")
+    return path
+
+def vqvae_artifacts(C: dict, source: str = 'stage', device=None, folder=None) -> tuple[Path, Path, Path]:
+    """(checkpoint, train code file, test code file) of this lesson's VQ-VAE for settings `C`. `source='stage'`: the
+    model trained with `C` (from the cache, or trained now); `'shipped'`: the packaged weights (docs configuration only)."""
+    if source == 'stage':
+        return vqvae_stage(C, device, folder), codes_stage(C, 'train', device, folder), codes_stage(C, 'test', device, folder)
+    if source != 'shipped': raise ValueError(f"source must be 'stage' or 'shipped'; got {source!r}")
+    shipped = VQVAE.from_checkpoint(shipped_vqvae()).config
+    want = dict(C.model, quantizer=C.quantizer)
+    differ = {k: (v, shipped.get(k)) for k, v in want.items() if shipped.get(k) != v}
+    if differ or C.data != 'cifar10' or list(C.classes or []) != ['horse', 'bird']:
+        raise ValueError(f"the shipped VQ-VAE is the docs configuration's model (CIFAR-10 horses and birds, {shipped}); these "
+                         f"settings ask for data={C.data!r}, classes={C.classes!r}, and differ in {differ}: use source='stage'")
+    codes = [code_file_stage('shipped_vqvae', VQVAE, shipped_vqvae, _encode_codes, C, split, 'VQVAE_SETTINGS', device,
+                             folder) for split in ('train', 'test')]
+    return shipped_vqvae(), *codes
