@@ -126,3 +126,17 @@ def test_sample_images_follows_the_labels():
     assert torch.equal(zeros[lab == 0], codes[lab == 0])                 # the same uniforms, the same label
     assert (zeros[lab == 1] != codes[lab == 1]).float().mean() > 0.5    # label 1 is not label 0
     assert (codes == lab[:, None, None]).float().mean() > 0.5            # class y mostly draws code y (chance: 1/6)
+
+
+def test_shipped_prior_is_class_conditional_over_the_shipped_codes():
+    "The packaged prior loads, matches the packaged VQ-VAE and the manifest, and its label changes what it expects."
+    import json
+    from vqlearn.prior import shipped_prior
+    from vqlearn.vqvae import VQVAE, shipped_vqvae
+    vq, pr = VQVAE.from_checkpoint(shipped_vqvae()), GatedPixelCNN.from_checkpoint(shipped_prior()).eval()
+    manifest = json.loads((shipped_prior().parent / 'manifest.json').read_text())
+    assert pr.config == manifest['config']['prior'] and pr.num_codes == vq.num_codes and pr.n_classes == 3
+    lab = torch.arange(2).repeat_interleave(8)
+    codes, imgs = sample_images(pr, vq, len(lab), vq.code_shape(32), labels=lab, generator=torch.Generator().manual_seed(0))
+    assert imgs.shape == (16, 3, 32, 32) and codes.shape == (16, 8, 8)
+    assert evaluate_nll(pr, codes, lab) < evaluate_nll(pr, codes, 1 - lab) - 0.02     # the label matters

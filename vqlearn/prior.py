@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_prior.ipynb #35d4ea5e
 from __future__ import annotations
+from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .core import eval_mode, model_device
@@ -13,7 +14,8 @@ from .data import DeviceLoader
 from .train import fit
 
 # %% auto #0
-__all__ = ['codes_bits_per_dim', 'unigram_entropy', 'prior_step', 'evaluate_nll', 'fit_prior', 'classify_codes', 'sample_images']
+__all__ = ['codes_bits_per_dim', 'unigram_entropy', 'prior_step', 'evaluate_nll', 'fit_prior', 'classify_codes', 'sample_images',
+           'shipped_prior']
 
 # %% ../nbs/08_prior.ipynb #0257df92
 def _check_code_maps(codes: torch.Tensor, labels: torch.Tensor | None = None, num_codes: int | None = None, name: str = 'codes'):
@@ -106,3 +108,11 @@ def sample_images(prior: GatedPixelCNN, vqvae, n: int, code_shape: tuple[int, in
     codes = prior.sample((n, *code_shape), labels=labels, temperature=temperature, top_k=top_k, generator=generator)
     with eval_mode(vqvae): imgs = vqvae.decode(codes.to(model_device(vqvae))).clamp(0, 1)
     return codes, imgs
+
+# %% ../nbs/08_prior.ipynb #e4fcbbab
+def shipped_prior() -> Path:
+    "Path of the class-conditional prior shipped in the package, over the shipped VQ-VAE's codes: 0 horse, 1 bird, 2 mixed."
+    import vqlearn
+    path = Path(vqlearn.__file__).resolve().parent / 'weights' / 'pegasus_prior.safetensors'
+    if not path.is_file(): raise FileNotFoundError(f"the shipped prior weights are missing: expected {path} (reinstall vqlearn)")
+    return path
