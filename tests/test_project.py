@@ -62,6 +62,62 @@ def test_every_notebook_follows_the_template():
             f"{nb_path.name}: no Open-in-Colab badge pointing at itself"
         assert 'nbdev_export()' in src[-1], f"{nb_path.name}: last cell must call nbdev_export()"
 
+JARGON = re.compile(r'seed 00\d|the issue\b|the bar set|our own test runs|\.\./shared', re.I)
+
+def _png_height(b64: str) -> int:
+    "Height in pixels of a base64-encoded PNG (from its IHDR chunk)."
+    import base64
+    head = base64.b64decode(b64[:64])
+    assert head[:8] == b'\x89PNG\r\n\x1a\n', 'not a PNG'
+    return int.from_bytes(head[20:24], 'big')
+
+def page_problems(nb_path: Path) -> list[str]:
+    "What a reader of the rendered page would trip over: stderr dumps, widget placeholders, thin strips, internal jargon."
+    import json
+    cells, out = json.loads(nb_path.read_text())['cells'], []
+    src = [''.join(c['source']) for c in cells]
+    for i, c in enumerate(cells):
+        if JARGON.search(src[i]): out.append(f"cell {i}: internal jargon {JARGON.search(src[i]).group()!r}")
+        for o in c.get('outputs', []):
+            if o.get('name') == 'stderr': out.append(f"cell {i}: a stored stderr output")
+            data = o.get('data', {})
+            if 'application/vnd.jupyter.widget-view+json' in data: out.append(f"cell {i}: a widget placeholder")
+            if 'image/png' in data and _png_height(data['image/png']) < 100:
+                out.append(f"cell {i}: a PNG {_png_height(data['image/png'])} px high")
+            text = ''.join(data.get('text/plain', '')) + ''.join(o.get('text', ''))
+            if JARGON.search(text): out.append(f"cell {i}: internal jargon in an output")
+        if c['cell_type'] == 'markdown' and src[i].startswith('**Exercise'):
+            nxt = src[i + 1] if i + 1 < len(src) else ''
+            if not nxt.startswith('#| code-fold: true'): out.append(f"cell {i}: an exercise without a folded solution after it")
+    if nb_path.name[0].isdigit() and not any(c['cell_type'] == 'markdown' and s.startswith('**Runtime.**')
+                                             for c, s in zip(cells[:12], src[:12])):
+        out.append("no '**Runtime.**' note near the top")
+    return out
+
+def test_pages_have_no_reader_traps():
+    "The stored pages pass the page check (see `page_problems`)."
+    problems = {p.name: page_problems(p) for p in sorted((ROOT / 'nbs').glob('*.ipynb'))}
+    assert not any(problems.values()), '\n'.join(f'{k}: {v}' for k, v in problems.items() if v)
+
+def test_page_check_can_fail(tmp_path):
+    "Each trap is caught on a made-up page."
+    import base64, io, json
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(8, 0.5), dpi=100); buf = io.BytesIO(); fig.savefig(buf, format='png'); plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    code = lambda src, outs: dict(cell_type='code', source=src, metadata={}, outputs=outs, execution_count=None)
+    nb = dict(cells=[dict(cell_type='markdown', source='# T\n> d', metadata={}),
+                     code('x = 1', [dict(output_type='stream', name='stderr', text='100%|###|')]),
+                     code('w', [dict(output_type='display_data', metadata={},
+                                     data={'application/vnd.jupyter.widget-view+json': {}, 'text/plain': 'VBox()'})]),
+                     code('plt.show()', [dict(output_type='display_data', metadata={}, data={'image/png': png})]),
+                     dict(cell_type='markdown', source='**Exercise 1 — x.** As the issue says, see ../shared.', metadata={}),
+                     code('y = 2', [])], metadata={}, nbformat=4, nbformat_minor=5)
+    p = tmp_path / '99_trap.ipynb'; p.write_text(json.dumps(nb))
+    found = ' | '.join(page_problems(p))
+    for trap in ['stderr', 'widget', 'PNG 50 px', 'jargon', 'folded solution', 'Runtime']: assert trap in found, (trap, found)
+
 def test_readme_matches_index():
     "README.md is rendered from nbs/index.ipynb (tools/make_readme.py; nbdev_readme where Quarto exists)."
     sys.path.insert(0, str(ROOT / 'tools'))
