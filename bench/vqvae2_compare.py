@@ -11,7 +11,8 @@ For each seed and each model, at the same wall-clock budgets:
    classified as c) and the Fréchet distance of the judge's features of the samples to those of the held-out images.
 It prints one table of mean ± std over the seeds.
 
-    python bench/vqvae2_compare.py --data cifar10-horse-bird-train.npz --seeds 0,1,2 --ae-minutes 3 --prior-minutes 2
+    python bench/vqvae2_compare.py --data cifar10-horse-bird-train.npz --seeds 0,1,2 --ae-minutes 3 --prior-minutes 2 \
+        --models vqvae,vqvae2,vqvae2:num_codes_bottom=2048   # options after a name go to its constructor
 
 The held-out images are a seeded tenth of the .npz (both classes), as in the lessons' docs configuration; the judge is
 the docs configuration's (`judge_stage`, cached). Runs from a checkout without installing vqlearn.
@@ -31,6 +32,7 @@ from vqlearn.vqvae import VQVAE, extract_codes, vqvae_step
 from vqlearn.vqvae2 import (VQVAE2, HierarchicalPrior, evaluate_prior2, evaluate_vqvae2, extract_codes2, fit_prior2,
                             sample_images2, vqvae2_step)
 from vqlearn.judge import JUDGE_SETTINGS, Judge, judge_outputs, judge_samples, judge_stage
+from vqvae_quality import model_spec  # 'vqvae2:num_codes_bottom=2048' -> ('vqvae2', {'num_codes_bottom': 2048})
 
 CPU_RECIPE = dict(batch_size=8, lr=2e-3, warmup=0.03)          # the autoencoders' recipe (as in vqvae_quality.py)
 PRIOR_RECIPE = dict(width=32, n_layers=6, batch_size=64, lr=2e-3)  # both priors: small enough to train on a CPU in minutes
@@ -42,10 +44,11 @@ def channels_last(batch):
 
 
 def run(args, seed: int, name: str, train, valid, judge, real) -> dict:
+    base, kw = model_spec(name)
     seed_everything(seed)
-    model = (VQVAE() if name == 'vqvae' else VQVAE2()).to(memory_format=torch.channels_last)
+    model = (VQVAE if base == 'vqvae' else VQVAE2)(**kw).to(memory_format=torch.channels_last)
     dl = DeviceLoader(train, batch_size=CPU_RECIPE['batch_size'], shuffle=True, flip=True, drop_last=True, seed=seed)
-    h = fit(model, dl, vqvae_step if name == 'vqvae' else vqvae2_step, budget_s=args.ae_minutes * 60, lr=CPU_RECIPE['lr'],
+    h = fit(model, dl, vqvae_step if base == 'vqvae' else vqvae2_step, budget_s=args.ae_minutes * 60, lr=CPU_RECIPE['lr'],
             sched='cosine', warmup=CPU_RECIPE['warmup'], log_every=500, progress=False, batch_tfm=channels_last)
     model = model.to(memory_format=torch.contiguous_format).eval()
     ae = evaluate_vqvae2(model, valid)
@@ -53,7 +56,7 @@ def run(args, seed: int, name: str, train, valid, judge, real) -> dict:
                **{f"usage_{k}": v['usage'] for k, v in ae['levels'].items()})
     n_classes, P = len(train.classes), PRIOR_RECIPE
     seed_everything(seed)
-    if name == 'vqvae':
+    if base == 'vqvae':
         (ctr, ltr), (cte, lte) = extract_codes(model, train), extract_codes(model, valid)
         prior = GatedPixelCNN(model.num_codes, P['width'], P['n_layers'], n_classes)
         hp = fit_prior(prior, ctr, ltr, steps=None, budget_s=args.prior_minutes * 60, batch_size=P['batch_size'], lr=P['lr'],
@@ -108,7 +111,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', default='../shared/data/cifar10-horse-bird-train.npz')
     p.add_argument('--seeds', default='0,1,2')
-    p.add_argument('--models', default='vqvae,vqvae2')
+    p.add_argument('--models', default='vqvae,vqvae2', help="comma-separated; options as in vqvae2:num_codes_bottom=2048 "
+                                                                 "go to the constructor (as in vqvae_quality.py)")
     p.add_argument('--ae-minutes', type=float, default=3.0)
     p.add_argument('--prior-minutes', type=float, default=2.0)
     p.add_argument('--per-class', type=int, default=250, help='samples per class for the judge')
@@ -116,6 +120,8 @@ def main(argv=None):
     p.add_argument('--json', default=None, help='append each run as a JSON line to this file')
     args = p.parse_args(argv)
     if not Path(args.data).is_file(): sys.exit(f"no such file: {args.data}")
+    bad = [m for m in args.models.split(',') if model_spec(m)[0] not in ('vqvae', 'vqvae2')]
+    if bad: sys.exit(f"unknown models {bad}: choose vqvae or vqvae2, with optional :key=value constructor options")
     torch.set_num_threads(args.threads); torch.set_flush_denormal(True)
     os.environ['VQLEARN_NPZ'] = str(Path(args.data).resolve())             # the judge's images: the same .npz
     classes = ['horse', 'bird']

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import NamedTuple
 import numpy as np
 import torch
-import vqlearn
 from .core import atomic_write, dist_info, get_device, load_tensors, save_tensors, seed_everything
+from .core import SHIPPED_FILES, weights_dir
 from .pixelcnn import GatedPixelCNN
 from .vqvae import VQVAE
 from .judge import Judge
@@ -21,9 +21,8 @@ __all__ = ['WEIGHTS_DIR', 'BUNDLE_FILES', 'CLASSES', 'save_half', 'sha256', 'wri
            'CLIError', 'train_vqvae_cli', 'train_bundle', 'make_parser', 'main', 'entry']
 
 # %% ../nbs/10b_cli.ipynb #fcf65f50
-WEIGHTS_DIR = Path(vqlearn.__file__).resolve().parent / 'weights'  # the pretrained weights shipped in the package
-BUNDLE_FILES = {'vqvae': 'vqvae.safetensors', 'prior': 'pegasus_prior.safetensors', 'judge': 'judge.safetensors',
-                'real': 'real_features.safetensors'}
+WEIGHTS_DIR = weights_dir()  # the pretrained weights shipped in the package (lesson 00)
+BUNDLE_FILES = SHIPPED_FILES  # name -> file name of each part of the bundle
 
 def save_half(model: torch.nn.Module, path, **meta) -> Path:
     "Save a `Checkpointable` model with its floating-point weights in float16 (half the bytes; `from_checkpoint` loads them back into float32)."

@@ -14,10 +14,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
 
 # %% auto #0
-__all__ = ['MODES', 'get_device', 'seed_everything', 'run_mode', 'quick', 'pick', 'Settings', 'settings', 'show_images',
-           'model_device', 'eval_mode', 'atomic_write', 'save_tensors', 'load_tensors', 'load_model_state',
-           'Checkpointable', 'cache_dir', 'artifact_key', 'cached', 'dist_info', 'init_distributed', 'all_reduce_sum',
-           'all_gather_rows', 'broadcast_']
+__all__ = ['MODES', 'SHIPPED_FILES', 'get_device', 'seed_everything', 'run_mode', 'quick', 'pick', 'Settings', 'settings',
+           'show_images', 'model_device', 'eval_mode', 'atomic_write', 'save_tensors', 'load_tensors',
+           'load_model_state', 'Checkpointable', 'cache_dir', 'artifact_key', 'cached', 'weights_dir',
+           'shipped_weights', 'dist_info', 'init_distributed', 'all_reduce_sum', 'all_gather_rows', 'broadcast_']
 
 # %% ../nbs/00_core.ipynb #7c5c1742
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -240,6 +240,22 @@ def cached(name: str, make: Callable[[Path], Any], config: dict | None = None, c
         if not path.is_file():
             make(path)
             if not path.is_file(): raise FileNotFoundError(f"make() did not write the artifact {name!r} to {path}")
+    return path
+
+# %% ../nbs/00_core.ipynb #2f87fd6a
+SHIPPED_FILES = {'vqvae': 'vqvae.safetensors', 'prior': 'pegasus_prior.safetensors', 'judge': 'judge.safetensors',
+                 'real': 'real_features.safetensors'}  # name -> file in the package's weights folder
+
+def weights_dir() -> Path:
+    "The folder of the pretrained weights shipped in the package (`vqlearn/weights`)."
+    import vqlearn
+    return Path(vqlearn.__file__).resolve().parent / 'weights'
+
+def shipped_weights(name: str) -> Path:
+    "Path of the shipped weights `name` (a key of `SHIPPED_FILES`); a clear error for an unknown name or a missing file."
+    if name not in SHIPPED_FILES: raise ValueError(f"no shipped weights called {name!r}; choose from {sorted(SHIPPED_FILES)}")
+    path = weights_dir() / SHIPPED_FILES[name]
+    if not path.is_file(): raise FileNotFoundError(f"the shipped {name} weights are missing: expected {path} (reinstall vqlearn)")
     return path
 
 # %% ../nbs/00_core.ipynb #f6451430

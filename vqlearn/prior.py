@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .core import eval_mode, model_device
+from .core import eval_mode, model_device, shipped_weights
 from .metrics import bits_per_dim, entropy
 from .pixelcnn import GatedPixelCNN
 from .data import DeviceLoader
@@ -112,7 +112,4 @@ def sample_images(prior: GatedPixelCNN, vqvae, n: int, code_shape: tuple[int, in
 # %% ../nbs/08_prior.ipynb #e4fcbbab
 def shipped_prior() -> Path:
     "Path of the class-conditional prior shipped in the package, over the shipped VQ-VAE's codes: 0 horse, 1 bird, 2 mixed."
-    import vqlearn
-    path = Path(vqlearn.__file__).resolve().parent / 'weights' / 'pegasus_prior.safetensors'
-    if not path.is_file(): raise FileNotFoundError(f"the shipped prior weights are missing: expected {path} (reinstall vqlearn)")
-    return path
+    return shipped_weights('prior')

@@ -29,11 +29,17 @@ def sq_distances(z: torch.Tensor,  # (N, D) vectors
 # %% ../nbs/05_quantize.ipynb #dd721f62
 def nearest_code(z: torch.Tensor,  # (N, D) vectors
                  codebook: torch.Tensor,  # (K, D) codes
-                 chunk_size: int | None = None,  # rows per block of distances; None = all at once
+                 chunk_size: int | None = None,  # rows per block of scores; None = all at once
                 ) -> torch.Tensor:  # (N,) int64 code indices
-    "Index of the nearest code (squared Euclidean distance) for every row of `z`."
-    if chunk_size is None or z.shape[0] <= chunk_size: return sq_distances(z, codebook).argmin(1)
-    return torch.cat([sq_distances(zc, codebook).argmin(1) for zc in z.split(chunk_size)])
+    "Index of the nearest code (squared Euclidean distance) for every row of `z`, ranked by ||e||^2 - 2 z.e in one addmm."
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        dt = torch.promote_types(codebook.dtype, torch.float32)     # half precision is computed in float32
+        e = codebook.to(dt)
+        e_sq = e.pow(2).sum(1)                                      # (K,); ||z||^2 is the same for every code: dropped
+        def nearest(zc):  # (n, D) -> (n,)
+            return torch.addmm(e_sq, zc.to(dt), e.t(), alpha=-2).argmin(1)  # (n, K) scores, then the best code
+        if chunk_size is None or z.shape[0] <= chunk_size: return nearest(z)
+        return torch.cat([nearest(zc) for zc in z.split(chunk_size)])
 
 # %% ../nbs/05_quantize.ipynb #b4d8d884
 def check_latents(z_e: torch.Tensor, dim: int, check_finite: bool = True):

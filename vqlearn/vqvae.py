@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import Checkpointable, Settings, cached, eval_mode, get_device, model_device, seed_everything
+from .core import shipped_weights
 from .quantize import VectorQuantizer, VectorQuantizerEMA, VQOutput, code_stats
 from .data import DeviceLoader, image_batches, lesson_data, load_codes, save_codes, stage_settings
 from .train import History, fit, save_checkpoint
@@ -283,10 +284,7 @@ def codes_stage(C: dict, split: str = 'train', device=None, folder=None) -> Path
 # %% ../nbs/06_vqvae.ipynb #18a5ef39
 def shipped_vqvae() -> Path:
     "Path of the VQ-VAE shipped in the package: the docs configuration's model, trained on CIFAR-10 horses and birds."
-    import vqlearn
-    path = Path(vqlearn.__file__).resolve().parent / 'weights' / 'vqvae.safetensors'
-    if not path.is_file(): raise FileNotFoundError(f"the shipped VQ-VAE weights are missing: expected {path} (reinstall vqlearn)")
-    return path
+    return shipped_weights('vqvae')
 
 def vqvae_artifacts(C: dict, source: str = 'stage', device=None, folder=None) -> tuple[Path, Path, Path]:
     """(checkpoint, train code file, test code file) of this lesson's VQ-VAE for settings `C`. `source='stage'`: the
