@@ -259,6 +259,7 @@ def shipped_weights(name: str) -> Path:
     return path
 
 # %% ../nbs/00_core.ipynb #f6451430
+import atexit
 import torch.distributed as dist
 
 def dist_info() -> tuple[int, int]:
@@ -272,7 +273,12 @@ def init_distributed() -> tuple[int, int]:
         cuda = get_device().type == 'cuda'
         if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
         dist.init_process_group('nccl' if cuda else 'gloo')
+        atexit.register(_leave_group)  # a group still alive at exit can abort the process ("terminate called ...")
     return dist_info()
+
+def _leave_group():
+    "Destroy the process group, if any: its communication threads end before the interpreter does."
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     "Sum `t` over all processes, in place (nothing to do in one process); returns `t`."
