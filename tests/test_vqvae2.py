@@ -112,16 +112,24 @@ def test_step_trains_every_part_and_adds_the_prediction_loss():
     assert torch.allclose(q_top.loss, vq + 0.5 * F.mse_loss(pred, h), rtol=1e-4)
 
 
-def test_short_training_reduces_error():
-    torch.manual_seed(0)
-    m = small()
-    x = torch.rand(16, 3, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)  # 8x8 blocks of random colour
+def _train_toy(m, steps: int = 300) -> float:
+    "Train `m` on 16 images of 8x8 blocks of random colour; the last training MSE over the first."
+    x = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(0)).repeat_interleave(8, 2).repeat_interleave(8, 3)
     opt = torch.optim.Adam(m.parameters(), 3e-3)
     first = None
-    for _ in range(300):  # the top's prediction loss slows the first steps: 100 steps only take it to 0.75 x
+    for _ in range(steps):
         out = vqvae2_step(m, x); opt.zero_grad(); out['loss'].backward(); opt.step()
         first = first or out['mse'].item()
-    assert out['mse'].item() < 0.5 * first
+    return out['mse'].item() / first
+
+
+def test_short_training_reduces_error():
+    # Without the top's prediction loss the two levels fit the toy fast: 0.07-0.12 x the first error after 300 steps
+    # (three data seeds, torch 2.14). Every path from the loss to the weights has to work for that.
+    assert _train_toy(small(predict_weight=0.0)) < 0.3
+    # With the default prediction loss the toy is learned slowly and unevenly (0.62-0.92 x over five data seeds; it can
+    # rise between steps 200 and 300), so the default is only held to a clear fall.
+    assert _train_toy(small()) < 0.85
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
