@@ -144,8 +144,8 @@ def _prior(**kw):
 
 def test_hybrid_prior_likelihood_is_exact():
     "On a 1 x 2 map the probabilities of every (code, bin) pair, over a wide grid, add up to one."
-    net = _prior(scalar_codes=[1, 3], precision=0.2)
-    grid = torch.arange(-35, 45, dtype=torch.float64) * 0.2             # alpha in [-7, 9): (alpha - 1) / 0.5 in [-16, 16)
+    net = _prior(scalar_codes=[1, 3], precision=1.0)                    # unit bins: a grid this wide holds all the mass
+    grid = torch.arange(-60, 64, dtype=torch.float64)                   # alpha in [-60, 64): (alpha - 1) / 0.5 in [-122, 126)
     total = 0.0
     for c0 in range(5):
         a0s = grid if c0 in (1, 3) else torch.zeros(1, dtype=torch.float64)
@@ -156,7 +156,7 @@ def test_hybrid_prior_likelihood_is_exact():
             alphas = torch.stack([A0.flatten(), A1.flatten()], -1).view(-1, 1, 2)
             with torch.no_grad(): c, s = net.nll_terms(codes, alphas)
             total += float((-(c + s).sum((1, 2))).exp().sum())
-    assert abs(total - 1) < 2e-3, total
+    assert abs(total - 1) < 1e-6, total   # the mass outside the grid: < 1e-8 for ten random nets (seeds 0-9)
 
 
 def test_hybrid_prior_samplers_agree_and_errors():
@@ -182,7 +182,7 @@ def test_hybrid_prior_learns_the_scalar_given_the_code():
     fit_hybrid_prior(net, codes, alphas, steps=300, batch_size=64, lr=5e-3, progress=False, log_every=100)
     after = evaluate_hybrid_nll(net, codes, alphas)
     assert after['scalar'] < before['scalar'] - 1.0 and after['code'] < math.log(4) + 0.05
-    c, s = net.nll_terms(codes, alphas)
+    with torch.no_grad(): c, s = net.nll_terms(codes, alphas)
     assert math.isclose(after['bits'], float((c + s).sum()) / 256 / math.log(2), rel_tol=1e-6)
 
 

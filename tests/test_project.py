@@ -206,3 +206,17 @@ def test_gpu_check_runs_cuda_cells_only_with_cuda_and_reports_failures(tmp_path)
     assert gpu_check.flags('#| eval: false\nx = 1') == {'eval-false'} and gpu_check.flags('#| slow\n#| cuda\ny') == {'slow', 'cuda'}
     assert gpu_check.run_notebook(path, {'slow', 'cuda'}) == (True, '')
     assert gpu_check.run_notebook(path, {'slow'}) == (False, 'AssertionError: cuda cell ran')
+
+def test_seed_shift_moves_every_global_seed_and_nothing_else():
+    "tools/seed_shift (the audit for one-seed asserts): with a shift s, seeding with n draws what seeding with n + s does."
+    code = ("import random, numpy as np, torch; from vqlearn.core import seed_everything; seed_everything({n}); "
+            "print(random.random(), np.random.rand(), torch.rand(1).item(), "
+            "torch.rand(1, generator=torch.Generator().manual_seed(5)).item(), np.random.default_rng(5).random())")
+    def draw(n, shift):
+        env = {**os.environ, 'VQLEARN_SEED_SHIFT': str(shift), 'PYTHONPATH': str(ROOT / 'tools' / 'seed_shift')}
+        r = subprocess.run([sys.executable, '-c', code.format(n=n)], env=env, capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()
+    base, shifted = draw(0, 0), draw(0, 3)
+    assert shifted[:3] == draw(3, 0)[:3] and shifted[:3] != base[:3]   # the global seeds moved by 3 ...
+    assert shifted[3:] == base[3:]                                      # ... explicit generators did not

@@ -242,7 +242,7 @@ def test_evaluate_vae_matches_independent_computation():
     x = torch.rand(20, 3, 32, 32)
     m(x)                                                                # running statistics now differ from batch statistics
     with torch.no_grad():                                               # an informative posterior: 5 of 8 dims vary with x
-        m.fc_mu.weight.mul_(20); m.fc_mu.weight[:3] = 0; m.fc_mu.bias[:3] = 0; m.fc_logvar.bias.fill_(-2.0)
+        m.fc_mu.weight.mul_(60); m.fc_mu.weight[:3] = 0; m.fc_mu.bias[:3] = 0; m.fc_logvar.bias.fill_(-2.0)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     torch.manual_seed(0)
     ev = evaluate_vae(m, x, sigma=0.2, k=8, batch_size=8)               # 3 batches: 8 + 8 + 4 images

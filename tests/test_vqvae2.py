@@ -77,9 +77,12 @@ def test_bottom_codes_depend_on_the_top_codes():
     m = with_prediction(small()).eval()
     x = torch.rand(8, 3, 32, 32)
     before = m.encode(x)
-    with torch.no_grad(): m.quantizer_top.embedding.copy_(torch.randn_like(m.quantizer_top.embedding))  # another top codebook
+    with torch.no_grad():  # another top codebook: 16 of the top encoder's own outputs, so the codes spread over the map
+        z_top = m.encoder_top(m.encoder_bottom(x - 0.5)).movedim(1, -1).flatten(0, 2)   # (8 * 4 * 4, D)
+        m.quantizer_top.embedding.copy_(z_top[torch.randperm(len(z_top))[:16]])
     after = m.encode(x)
-    assert not torch.equal(before['top'], after['top']) and not torch.equal(before['bottom'], after['bottom'])
+    assert after['top'].unique().numel() > 1 and not torch.equal(before['top'], after['top'])
+    assert not torch.equal(before['bottom'], after['bottom'])
     with torch.no_grad(): m.upsample_top[-1].weight.zero_(); m.upsample_top[-1].bias.zero_()  # a top that predicts nothing:
     assert torch.equal(m.encode(x)['bottom'], m.quantizer_bottom.quantize(m.encoder_bottom(x - 0.5)))  # bottom = a VQ-VAE's
 
@@ -484,3 +487,37 @@ def stage_settings_has_root(C):
     from vqlearn.vqvae import VQVAE_STAGE_KEYS
     cfg = stage_settings(C, VQVAE_STAGE_KEYS)
     return cfg['root'] == C.root and cfg['size'] == 64 and cfg['label'] == 'status' and 'npz' not in cfg
+
+
+def test_end_to_end_comparison_runs_from_a_checkout_without_installing(tmp_path):
+    "bench/vqvae2_compare.py runs both models and a constructor option end to end, and its table is the mean of its runs."
+    import json, subprocess, sys
+    from pathlib import Path
+    from vqlearn.judge import Judge
+    bench = Path(__file__).resolve().parents[1] / 'bench' / 'vqvae2_compare.py'
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / 'imgs.npz', images=g.integers(0, 256, (160, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(160) % 2, classes=np.array(['horse', 'bird']))
+    torch.manual_seed(0); Judge(2, widths=(8, 16), classes=['horse', 'bird']).save(tmp_path / 'judge.safetensors')  # untrained
+    libs = [p for p in sys.path if p.endswith('site-packages')]
+    argv = [str(bench), '--data', 'imgs.npz', '--judge', 'judge.safetensors', '--seeds', '0,1', '--ae-minutes', '0.005',
+            '--prior-minutes', '0.005', '--per-class', '3', '--threads', '1', '--json', 'runs.jsonl',
+            '--models', 'vqvae,vqvae2:num_codes_top=8']
+    code = (f"import sys, runpy; sys.path += {libs!r}; sys.argv = {argv!r}; "   # -I -S: the installed vqlearn is invisible
+            f"runpy.run_path({str(bench)!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, '-I', '-S', '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                         env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin'})
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = [json.loads(l) for l in (tmp_path / 'runs.jsonl').read_text().splitlines()]
+    assert [(r['seed'], r['model']) for r in runs] == [(s, m) for s in (0, 1) for m in ('vqvae', 'vqvae2:num_codes_top=8')]
+    for r in runs:
+        assert 0 < r['mse'] < 1 and r['ae_steps'] > 0 and r['prior_steps'] > 0 and 0 <= r['judge_accuracy'] <= 1
+        assert 0 < r['bits_per_dim'] < 8 and r['frechet'] >= 0   # bits per 8-bit colour value
+    two = [r for r in runs if r['model'] != 'vqvae']
+    assert all({'usage_top', 'usage_bottom'} <= set(r) for r in two)
+    row = [l for l in out.stdout.splitlines() if l.startswith('| vqvae2:num_codes_top=8 |')][0]
+    mean = sum(r['mse'] for r in two) / 2
+    assert row.split('|')[2].strip().split(' ± ')[0] == f"{mean:.4f}"   # the table is the mean over the seeds
+    bad = subprocess.run([sys.executable, str(bench), '--data', 'imgs.npz', '--models', 'vqvae3'], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and 'unknown models' in bad.stderr

@@ -82,14 +82,19 @@ def settings(quick: dict, full: dict, docs: dict | None = None, mode: str | None
     return Settings(mode=mode, **common, **{'quick': quick, 'docs': docs, 'full': full}[mode])
 
 # %% ../nbs/00_core.ipynb #deb74c13
-def show_images(x: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None, figsize=None, padding: int = 2):
-    "Show a batch `x` of shape (B, C, H, W) (or one (C, H, W) image) with values in [0, 1] as a grid."
+def show_images(x: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None, figsize=None, padding: int = 2,
+                row_labels: list[str] | None = None):
+    "Show a batch `x` of shape (B, C, H, W) (or one (C, H, W) image) with values in [0, 1] as a grid; `row_labels` name its rows."
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
     x = torch.as_tensor(x).detach()
     if x.ndim == 3: x = x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"show_images expects (B, C, H, W) or (C, H, W) with C in (1, 3); got shape {tuple(x.shape)}")
+    n_rows = -(-len(x) // nrow)
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"row_labels needs one label per row: {len(x)} images in rows of {nrow} make {n_rows} rows; "
+                         f"got {len(row_labels)} labels")
     grid = make_grid(x.float().clamp(0, 1).cpu(), nrow=nrow, padding=padding, pad_value=1.0)  # (3, H', W')
     if ax is None:
         h, w = grid.shape[1:]
@@ -97,6 +102,9 @@ def show_images(x: torch.Tensor, nrow: int = 8, title: str | None = None, ax=Non
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation='nearest')
     ax.set_axis_off()
     if title: ax.set_title(title)
+    H = x.shape[-2]
+    for i, label in enumerate(row_labels or []):                        # right-aligned, left of the row's middle
+        ax.text(-padding, padding + i * (H + padding) + H / 2, label, ha='right', va='center', fontsize=9)
     return ax
 
 # %% ../nbs/00_core.ipynb #46e12600

@@ -29,7 +29,7 @@ VQVAE2_SETTINGS = dict(
     quick=dict(_VQVAE2_COMMON, data='shapes', classes=None, n_train=2000, n_test=500,
                model=dict(hidden=32, res_hidden=16, n_res=1, n_res_top=0, num_codes_top=128, num_codes_bottom=128, dim=32,
                           decay=0.95, restart_after=5),
-               steps=800, batch_size=8, lr=2e-3, warmup=10, log_every=25, max_mse=0.035, max_ratio=1.0,
+               steps=800, batch_size=8, lr=2e-3, warmup=10, log_every=25, max_mse=0.035, max_ratio=3.0,
                prior=dict(width=32, n_layers=3, attn_every=0, cond_channels=16, steps=400, batch_size=32, lr=5e-3)),
     docs=dict(_VQVAE2_COMMON, data='cifar10', classes=['horse', 'bird'], n_train=None, n_test=None,
               model=dict(hidden=64, res_hidden=32, n_res=2, n_res_top=0, num_codes_top=512, num_codes_bottom=512, dim=64,
