@@ -1,5 +1,5 @@
 "Tests of vqlearn.judge: the Fréchet distance against references and closed forms, the judge's shapes and errors, checkpoints, training, the stage and judge_samples."
-import math
+import math, os
 import numpy as np
 import pytest, scipy.linalg, torch
 import torch.nn.functional as F
@@ -262,3 +262,23 @@ def test_training_and_stage(tmp_path, monkeypatch):
 def test_judge_settings_have_the_same_keys():
     keys = {m: set(c) for m, c in JUDGE_SETTINGS.items()}
     assert keys['quick'] == keys['docs'] == keys['full'] and set(J.JUDGE_STAGE_KEYS) <= keys['quick']
+
+
+def test_shortcut_is_a_strided_1x1_convolution_and_trains_on_odd_batches_with_threads():
+    """The shortcut picks every stride-th pixel then convolves: a strided 1x1 convolution's numbers, without the oneDNN kernel
+    that corrupts memory under torch 2.14 (1x1, stride 2, channels_last, odd batch, 2 threads; the suite runs on 1 thread)."""
+    import subprocess, sys
+    torch.manual_seed(0)
+    b = ResidualBlock(8, 16, stride=2).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(3, 8, 33, 33).contiguous(memory_format=torch.channels_last)    # odd size: 17 x 17 out
+    with torch.no_grad():
+        ref = b.shortcut[1](F.conv2d(x, b.shortcut[0].weight, stride=2))
+        assert b.shortcut(x[..., ::2, ::2]).shape == (3, 16, 17, 17) and torch.allclose(b.shortcut(x[..., ::2, ::2]), ref, atol=1e-6)
+        assert b(x).shape == (3, 16, 17, 17)
+    code = ("import torch, torch.nn.functional as F; from vqlearn.judge import Judge; torch.set_num_threads(2); "
+            "torch.manual_seed(0); m = Judge(2, widths=(8, 16, 32)); opt = torch.optim.SGD(m.parameters(), 0.01)\n"
+            "for B in (3, 5, 7) * 4:\n"
+            "    loss = F.cross_entropy(m(torch.rand(B, 3, 32, 32)), torch.randint(0, 2, (B,))); opt.zero_grad(); loss.backward(); opt.step()\n"
+            "print('trained')")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '2'})
+    assert r.returncode == 0 and 'trained' in r.stdout, (r.returncode, r.stderr[-1000:])

@@ -35,17 +35,20 @@ JUDGE_SETTINGS = dict(
 
 # %% ../nbs/08b_judge.ipynb #42d9753f
 class ResidualBlock(nn.Module):
-    "relu(x + BN(conv3x3(relu(BN(conv3x3(x)))))): the basic block of ResNet; a strided 1x1 convolution shortcut when the shape changes."
+    "relu(x + BN(conv3x3(relu(BN(conv3x3(x)))))): the basic block of ResNet; a 1x1 convolution shortcut (of every `stride`-th pixel) when the shape changes."
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.stride = stride
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))   # applied to x[..., ::stride, ::stride]
 
     def forward(self, x: Tensor) -> Tensor:                             # (B, c_in, H, W) -> (B, c_out, H/stride, W/stride)
         h = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+        # a strided 1x1 convolution, written as pick-then-convolve: the same numbers, and it avoids a oneDNN kernel (1x1,
+        # stride 2, channels_last, odd batch, 2+ threads) that corrupts memory in torch 2.14's CPU build
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x[..., ::self.stride, ::self.stride]))
 
 # %% ../nbs/08b_judge.ipynb #ac942928
 class Judge(Checkpointable, nn.Module):
