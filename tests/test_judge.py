@@ -235,7 +235,7 @@ def test_judge_samples_restores_mode_and_checks_labels():
 # --- training and the stage ---------------------------------------------------------------------------------------
 def tiny_settings():
     C = settings(**JUDGE_SETTINGS, mode='quick')
-    C.update(classes=['circle', 'cross'], n_train=600, n_test=200, steps=100, eval_every=None, log_every=20)
+    C.update(classes=['circle', 'cross'], n_train=600, n_test=200, steps=200, eval_every=None, log_every=20)
     return C
 
 
@@ -246,15 +246,16 @@ def test_training_and_stage(tmp_path, monkeypatch):
     assert j.classes == ['circle', 'cross'] and j.image_size == 32
     _, heldout = lesson_data(C)
     acc = evaluate_judge(j, heldout)['accuracy']
-    assert acc > 0.7, acc                                                                # chance: 0.5
+    assert acc > 0.5 + 3 * (0.25 / len(heldout)) ** 0.5, acc   # 3 standard errors above chance (0.66 for 84 images;
+                                                               # measured 0.75-0.94 over eight seeds)
     meta = load_tensors(path)[1]
-    assert meta['heldout']['accuracy'] == pytest.approx(acc) and meta['history'][-1]['step'] == 100
+    assert meta['heldout']['accuracy'] == pytest.approx(acc) and meta['history'][-1]['step'] == 200
     r = judge_samples(j, heldout)                                                         # real images judged as samples
     assert r['accuracy'] == pytest.approx(acc)
     # the second call reuses the artifact; other settings make another
     monkeypatch.setattr(J, 'train_judge', lambda *a, **k: (_ for _ in ()).throw(AssertionError('retrained')))
     assert judge_stage(C, folder=tmp_path) == path
-    C2 = dict(C, steps=101)
+    C2 = dict(C, steps=201)
     with pytest.raises(AssertionError, match='retrained'): judge_stage(C2, folder=tmp_path)
     with pytest.raises(KeyError): judge_stage({k: v for k, v in C.items() if k != 'model'}, folder=tmp_path)
 

@@ -17,6 +17,19 @@ def small(**kw):
     return VQVAE2(**{**dict(hidden=16, res_hidden=8, n_res=1, n_res_top=1, num_codes_top=16, num_codes_bottom=32, dim=8), **kw})
 
 
+def spread_codes(m, x):
+    """Both codebooks drawn from the model's own latents of `x` (as a k-means start would), so the codes spread over the maps:
+    a random codebook can send every position to one code, and then a level's mean latent is its latent."""
+    with torch.no_grad():
+        pick = lambda z, k: z.movedim(1, -1).flatten(0, 2)[torch.randperm(z.numel() // z.shape[1])[:k]]   # k rows of (N, D)
+        h = m.encoder_bottom(x - 0.5)
+        z_top = m.encoder_top(h)
+        m.quantizer_top.embedding.copy_(pick(z_top, m.num_codes['top']))
+        pred = m.upsample_top(m.quantizer_top.lookup(m.quantizer_top.quantize(z_top)))
+        m.quantizer_bottom.embedding.copy_(pick(h - pred, m.num_codes['bottom']))
+    return m
+
+
 def with_prediction(m):
     "The model with a non-zero top prediction (a fresh model's up-sampler ends in zeros)."
     torch.manual_seed(1)
@@ -217,10 +230,11 @@ def test_evaluation_is_the_plain_mean_and_counts_every_code():
 
 
 def test_level_ablation_replaces_one_level_by_its_mean():
-    m = with_prediction(small()).eval()
     x = torch.rand(12, 3, 32, 32)
+    m = spread_codes(with_prediction(small()).eval(), x)
     abl = level_ablation(m, x, batch_size=5)
     c = m.encode(x)
+    assert c['top'].unique().numel() > 1 and c['bottom'].unique().numel() > 1
     zt, zb = m.quantizer_top.lookup(c['top']), m.quantizer_bottom.lookup(c['bottom'])
     mt, mb = zt.mean((0, 2, 3), keepdim=True).expand_as(zt), zb.mean((0, 2, 3), keepdim=True).expand_as(zb)
     assert abl['both'] == pytest.approx(F.mse_loss(m.decode_latents(zt, zb), x).item(), rel=1e-5)
