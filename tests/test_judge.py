@@ -274,7 +274,8 @@ def test_shortcut_is_a_strided_1x1_convolution_and_trains_on_odd_batches_with_th
     x = torch.rand(3, 8, 33, 33).contiguous(memory_format=torch.channels_last)    # odd size: 17 x 17 out
     with torch.no_grad():
         ref = b.shortcut[1](F.conv2d(x, b.shortcut[0].weight, stride=2))
-        assert b.shortcut(x[..., ::2, ::2]).shape == (3, 16, 17, 17) and torch.allclose(b.shortcut(x[..., ::2, ::2]), ref, atol=1e-6)
+        out = b.shortcut(x[..., ::2, ::2])
+        assert out.shape == (3, 16, 17, 17) and torch.allclose(out, ref, atol=1e-6)
         assert b(x).shape == (3, 16, 17, 17)
     code = ("import torch, torch.nn.functional as F; from vqlearn.judge import Judge; torch.set_num_threads(2); "
             "torch.manual_seed(0); m = Judge(2, widths=(8, 16, 32)); opt = torch.optim.SGD(m.parameters(), 0.01)\n"

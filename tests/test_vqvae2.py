@@ -17,16 +17,21 @@ def small(**kw):
     return VQVAE2(**{**dict(hidden=16, res_hidden=8, n_res=1, n_res_top=1, num_codes_top=16, num_codes_bottom=32, dim=8), **kw})
 
 
+def latent_rows(z, k: int):
+    "k random latent vectors (k, D) of the maps z (B, D, H, W): a codebook from the data, as a k-means start would draw."
+    z = z.movedim(1, -1).flatten(0, 2)                                  # (B * H * W, D)
+    return z[torch.randperm(len(z))[:k]]
+
+
 def spread_codes(m, x):
-    """Both codebooks drawn from the model's own latents of `x` (as a k-means start would), so the codes spread over the maps:
-    a random codebook can send every position to one code, and then a level's mean latent is its latent."""
+    """Both codebooks drawn from the model's own latents of `x`, so the codes spread over the maps: a random codebook can
+    send every position to one code, and then a level's mean latent is its latent."""
     with torch.no_grad():
-        pick = lambda z, k: z.movedim(1, -1).flatten(0, 2)[torch.randperm(z.numel() // z.shape[1])[:k]]   # k rows of (N, D)
         h = m.encoder_bottom(x - 0.5)
         z_top = m.encoder_top(h)
-        m.quantizer_top.embedding.copy_(pick(z_top, m.num_codes['top']))
+        m.quantizer_top.embedding.copy_(latent_rows(z_top, m.num_codes['top']))
         pred = m.upsample_top(m.quantizer_top.lookup(m.quantizer_top.quantize(z_top)))
-        m.quantizer_bottom.embedding.copy_(pick(h - pred, m.num_codes['bottom']))
+        m.quantizer_bottom.embedding.copy_(latent_rows(h - pred, m.num_codes['bottom']))
     return m
 
 
@@ -91,8 +96,7 @@ def test_bottom_codes_depend_on_the_top_codes():
     x = torch.rand(8, 3, 32, 32)
     before = m.encode(x)
     with torch.no_grad():  # another top codebook: 16 of the top encoder's own outputs, so the codes spread over the map
-        z_top = m.encoder_top(m.encoder_bottom(x - 0.5)).movedim(1, -1).flatten(0, 2)   # (8 * 4 * 4, D)
-        m.quantizer_top.embedding.copy_(z_top[torch.randperm(len(z_top))[:16]])
+        m.quantizer_top.embedding.copy_(latent_rows(m.encoder_top(m.encoder_bottom(x - 0.5)), 16))
     after = m.encode(x)
     assert after['top'].unique().numel() > 1 and not torch.equal(before['top'], after['top'])
     assert not torch.equal(before['bottom'], after['bottom'])
